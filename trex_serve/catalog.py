@@ -1,0 +1,158 @@
+"""The provider/model catalog and plans, loaded from YAML with errors naming file and field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class CatalogError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolSizing(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: int = Field(default=256, ge=1)
+    max_concurrency: int = Field(default=1024, ge=1)
+
+
+class Provider(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+    base_url: str
+    format: Literal["openai", "anthropic"] = "openai"
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_byte_timeout_s: float | None = Field(default=None, gt=0)
+    supports_responses: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    pool: PoolSizing = Field(default_factory=PoolSizing)
+
+    @property
+    def first_byte_timeout(self) -> float:
+        return self.first_byte_timeout_s or self.timeout_s
+
+    def managed_key(self) -> str | None:
+        """The operator's own key for this provider, when the catalog names one and it is set."""
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+
+class Price(_Strict):
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+
+
+class Candidate(_Strict):
+    provider: str
+    model: str
+
+
+class Model(_Strict):
+    id: str = Field(min_length=1)
+    tier: Literal["standard", "premium"] = "standard"
+    context_window: int = Field(default=128000, ge=1)
+    price: Price = Field(default_factory=Price)
+    candidates: list[Candidate] = Field(min_length=1)
+
+
+class DailyQuota(_Strict):
+    requests: int | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)
+
+
+class Plan(_Strict):
+    name: str
+    rpm: int = Field(default=60, ge=0)
+    tpm: int = Field(default=100000, ge=0)
+    concurrency: int = Field(default=4, ge=0)
+    burst_concurrency: int | None = Field(default=None, ge=0)
+    daily_quota: DailyQuota = Field(default_factory=DailyQuota)
+    long_context_tokens: int | None = Field(default=None, ge=1)
+    premium: bool = False
+    standard_uses_quota: bool = True
+
+    @property
+    def max_concurrency(self) -> int:
+        return max(self.concurrency, self.burst_concurrency or 0)
+
+
+class Catalog(_Strict):
+    providers: list[Provider] = Field(min_length=1)
+    models: list[Model] = Field(min_length=1)
+    smart_auto: list[str] = Field(default_factory=list)
+    plans: list[Plan] = Field(default_factory=lambda: [Plan(name="free")])
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Catalog:
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"providers: duplicate provider name in {names}")
+        known = set(names)
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"models: duplicate model id in {ids}")
+        if "smart-auto" in ids:
+            raise ValueError("models: 'smart-auto' is reserved")
+        for i, model in enumerate(self.models):
+            for j, cand in enumerate(model.candidates):
+                if cand.provider not in known:
+                    raise ValueError(
+                        f"models.{i}.candidates.{j}.provider: unknown provider {cand.provider!r}"
+                    )
+        for i, mid in enumerate(self.smart_auto):
+            if mid not in ids:
+                raise ValueError(f"smart_auto.{i}: unknown model {mid!r}")
+        plan_names = [p.name for p in self.plans]
+        if len(set(plan_names)) != len(plan_names):
+            raise ValueError(f"plans: duplicate plan name in {plan_names}")
+        return self
+
+    # Lookups used on the hot path are built once.
+    def model_post_init(self, _ctx: Any) -> None:
+        self._providers = {p.name: p for p in self.providers}
+        self._models = {m.id: m for m in self.models}
+        self._plans = {p.name: p for p in self.plans}
+
+    def provider(self, name: str) -> Provider | None:
+        return self._providers.get(name)
+
+    def model(self, model_id: str) -> Model | None:
+        return self._models.get(model_id)
+
+    def plan(self, name: str) -> Plan | None:
+        return self._plans.get(name)
+
+
+def parse_catalog(data: Any, source: str = "<catalog>") -> Catalog:
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: the catalog must be a mapping with providers and models")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        raise CatalogError(f"{source}: {loc or 'catalog'}: {err.get('msg')}") from None
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read catalog: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: invalid YAML: {exc}") from None
+    return parse_catalog(data, str(path))

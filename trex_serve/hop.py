@@ -1,0 +1,64 @@
+"""The one hop between an ingress replica and a provider-pool replica: a plain HTTP relay.
+Header names and the request/answer shapes both sides agree on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+H_SECRET = "X-Trex-Pool-Secret"
+H_REQUEST_ID = "X-Trex-Request-Id"
+H_PROVIDER = "X-Trex-Provider"
+H_MODEL = "X-Trex-Upstream-Model"
+H_KEY = "X-Trex-Upstream-Key"
+H_API = "X-Trex-Api"
+H_STREAM = "X-Trex-Stream"
+H_WANT_USAGE = "X-Trex-Want-Usage"
+H_USAGE = "X-Trex-Usage"
+H_FAILURE = "X-Trex-Failure"  # set when the pool could not get a usable answer from the upstream
+H_LATENCY = "X-Trex-Upstream-Latency-Ms"
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
+# Failures of the transport rather than an HTTP answer: always worth another candidate.
+RETRYABLE_FAILURES = frozenset({"connect", "reset", "timeout", "first_byte_timeout", "bad_response"})
+
+
+@dataclass
+class HopRequest:
+    request_id: str
+    provider: str
+    upstream_model: str
+    api: str  # "chat" | "responses"
+    stream: bool
+    want_usage: bool
+    body: bytes
+    api_key: str | None = None
+
+
+@dataclass
+class HopResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    chunks: AsyncIterator[bytes] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+    failure: str | None = None
+    retry_after: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def retryable(self) -> bool:
+        if self.failure in RETRYABLE_FAILURES:
+            return True
+        return self.status in RETRYABLE_STATUS
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.failure is None
+
+
+class ReplicaUnreachable(Exception):
+    """The pool replica itself could not be reached: try another replica, not another provider."""
+
+
+ProviderCaller = Callable[[HopRequest], Awaitable[HopResponse]]

@@ -1,0 +1,111 @@
+"""The gateway's HTTP surface (FastAPI). Thin: read the request, hand it to the pipeline, write the
+answer. The Ray ingress deployment wraps this same app."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from trex_serve.client_ip import client_address
+from trex_serve.errors import InvalidRequest, RequestTooLarge, TrexError
+from trex_serve.pipeline import Answer, Pipeline, new_request_id
+from trex_serve.settings import Settings
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        except ValueError:
+            raise InvalidRequest("Invalid Content-Length header.") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def render(answer: Answer) -> Response:
+    if answer.stream is not None:
+        headers = dict(answer.headers)
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        return StreamingResponse(answer.stream, status_code=answer.status, headers=headers,
+                                 media_type=answer.media_type)
+    return Response(answer.body, status_code=answer.status, headers=answer.headers,
+                    media_type=answer.media_type)
+
+
+def error_response(exc: TrexError, request_id: str | None = None) -> Response:
+    rid = request_id or new_request_id()
+    headers = {"X-Trex-Request-Id": rid, **exc.response_headers()}
+    return Response(exc.body(rid), status_code=exc.status, headers=headers, media_type="application/json")
+
+
+def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
+                   extra: Callable[[FastAPI], Any] | None = None) -> FastAPI:
+    """``pipeline_ref`` returns the live pipeline (built inside a replica, after the app exists)."""
+    app = FastAPI(title="Trex Serve", version="0.1.0", docs_url=None, redoc_url=None)
+
+    def ip(request: Request, settings: Settings) -> str:
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+
+    @app.exception_handler(TrexError)
+    async def _trex_error(_request: Request, exc: TrexError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        return error_response(InvalidRequest(f"Invalid value for '{param}': {err.get('msg')}", param=param))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> Response:
+        # Never a bare 500 or a stack trace on the wire; the log has the details.
+        import logging
+        logging.getLogger("trex.http").exception("unhandled error")
+        return error_response(TrexError("The gateway hit an internal error.", status=500))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        body = await read_body(request, pipeline.settings.max_body_bytes)
+        answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
+                                     request.headers.get("x-upstream-api-key"))
+        return render(answer)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        return render(await pipeline.models(request.headers.get("authorization"), ip(request, pipeline.settings)))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        client = ip(request, pipeline.settings)
+        return render(await pipeline.models(request.headers.get("authorization"), client, model_id))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        await pipeline_ref()
+        return JSONResponse({"status": "ready"})
+
+    if extra is not None:
+        extra(app)
+    return app

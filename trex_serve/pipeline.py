@@ -1,0 +1,307 @@
+"""The request path, top to bottom: parse → authenticate → resolve → admit → bind → attempts with
+fallback → relay the answer → settle → record. Collaborators arrive as arguments; no Ray here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from trex_serve import hop
+from trex_serve.catalog import Catalog
+from trex_serve.errors import (
+    BindingMissing,
+    InvalidRequest,
+    PaymentRequired,
+    TrexError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
+from trex_serve.providers.base import Usage
+from trex_serve.providers.sse import parse_usage_comment
+from trex_serve.records import RequestRecord
+from trex_serve.routing import SMART_AUTO, Planner, Resolution, Target, resolve
+from trex_serve.schemas import ChatCompletionRequest, ModelCard, ModelList, parse_model
+from trex_serve.settings import Settings
+from trex_serve.tokens import estimate_messages, estimate_text
+
+JSON = "application/json"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    media_type: str = JSON
+
+
+@dataclass
+class Call:
+    """One request's state as it moves through the pipeline."""
+
+    request_id: str
+    api: str
+    client_ip: str
+    started: float = field(default_factory=time.monotonic)
+    principal: Principal | None = None
+    ticket: Ticket | None = None
+    model_requested: str = ""
+    stream: bool = False
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    served: Target | None = None
+    ttfb_ms: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        h = {"X-Trex-Request-Id": self.request_id, "X-Trex-Attempts": str(len(self.attempts))}
+        if self.served is not None:
+            h["X-Trex-Upstream-Provider"] = self.served.provider
+            h["X-Trex-Upstream-Model"] = self.served.upstream_model
+        if self.ticket is not None:
+            h["X-Trex-Billing"] = self.ticket.billing
+            h.update(self.ticket.headers)
+            if self.ticket.downgraded:
+                h["X-Trex-Downgraded"] = "1"
+        return h
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class Pipeline:
+    def __init__(self, catalog: Catalog, settings: Settings, gate: Gate, caller: hop.ProviderCaller,
+                 planner: Planner, record: Callable[[RequestRecord], None] | None = None) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.gate = gate
+        self.caller = caller
+        self.planner = planner
+        self.record = record or (lambda _r: None)
+
+    # ---- entry points -------------------------------------------------------------------------
+
+    async def models(self, authorization: str | None, client_ip: str, model_id: str | None = None) -> Answer:
+        call = Call(new_request_id(), "models", client_ip)
+        try:
+            principal = await self.gate.authenticate(authorization, client_ip)
+            ids = self.gate.visible_models(principal)
+            if model_id is not None:
+                if model_id not in ids:
+                    from trex_serve.errors import ModelNotFound
+                    raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
+                                        param="model")
+                return Answer(200, call.headers(), ModelCard(id=model_id).model_dump_json().encode())
+            body = ModelList(data=[ModelCard(id=i) for i in ids]).model_dump_json().encode()
+            return Answer(200, call.headers(), body)
+        except TrexError as exc:
+            return self._error(call, exc)
+
+    async def chat(self, raw: bytes, authorization: str | None, client_ip: str,
+                   upstream_key: str | None = None) -> Answer:
+        call = Call(new_request_id(), "chat", client_ip)
+        try:
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("The request body is not valid JSON.") from None
+            request = parse_model(ChatCompletionRequest, payload)
+            call.model_requested, call.stream = request.model, request.stream
+            principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
+            resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
+            self.gate.check_model(principal, resolution)
+            prompt_tokens = estimate_messages(payload["messages"])
+            max_out = request.max_completion_tokens or request.max_tokens
+            ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
+            call.ticket, resolution = await self._admit(principal, ask, request)
+            payload.pop("trex", None)
+            if call.ticket.downgraded:
+                payload["model"] = SMART_AUTO
+            want_usage = bool((request.stream_options or {}).get("include_usage"))
+            body = orjson.dumps(payload)
+            return await self._attempts(call, resolution, body, want_usage, upstream_key)
+        except TrexError as exc:
+            await self._settle_failure(call)
+            return self._error(call, exc)
+
+    # ---- admission ----------------------------------------------------------------------------
+
+    async def _admit(self, principal: Principal, ask: AdmitAsk,
+                     request: ChatCompletionRequest) -> tuple[Ticket, Resolution]:
+        try:
+            return await self.gate.admit(principal, ask), ask.resolution
+        except PaymentRequired as exc:
+            if exc.code != "insufficient_credits" or principal.billing_policy != "downgrade" \
+                    or ask.resolution.smart_auto or not self.catalog.smart_auto:
+                raise
+        # The key's policy says: serve it on Smart Auto (the daily quota) instead of refusing.
+        downgraded = resolve(self.catalog, SMART_AUTO, None)
+        ask.resolution = downgraded
+        ticket = await self.gate.admit(principal, ask)
+        ticket.downgraded = True
+        return ticket, downgraded
+
+    # ---- attempts and fallback ----------------------------------------------------------------
+
+    async def _keys(self, call: Call, targets: list[Target], override: str | None) -> list[tuple[Target, str | None]]:
+        usable: list[tuple[Target, str | None]] = []
+        missing: list[str] = []
+        first = True
+        for target in targets:
+            # The caller's own upstream key applies to the provider that serves the request first.
+            key = await self.gate.provider_key(call.principal, target.provider, override if first else None)  # type: ignore[arg-type]
+            if key is None and not self._managed(target.provider):
+                missing.append(target.provider)
+                continue
+            usable.append((target, key))
+            first = False
+        if not usable:
+            names = ", ".join(sorted(set(missing)))
+            raise BindingMissing(f"No provider key is bound for {names} and no managed route exists. "
+                                 f"Bind a key for {names} or pass X-Upstream-Api-Key.",
+                                 extra={"providers": sorted(set(missing))})
+        return usable
+
+    def _managed(self, provider: str) -> bool:
+        p = self.catalog.provider(provider)
+        return p is not None and (p.api_key_env is None or p.managed_key() is not None)
+
+    async def _attempts(self, call: Call, resolution: Resolution, body: bytes, want_usage: bool,
+                        override: str | None) -> Answer:
+        ordered = self.planner.order(resolution)
+        targets = await self._keys(call, ordered, override)
+        deadline = call.started + self.settings.request_deadline_s
+        last: hop.HopResponse | None = None
+        for target, key in targets[: self.settings.max_attempts]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, call.api,
+                                 call.stream, want_usage, body, key)
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(remaining):
+                    resp = await self.caller(req)
+            except (TimeoutError, hop.ReplicaUnreachable) as exc:
+                failure = "timeout" if isinstance(exc, TimeoutError) else "pool_unreachable"
+                call.attempts.append(self._attempt(target, 504 if failure == "timeout" else 503, failure, t0))
+                continue
+            error = resp.failure or (None if resp.status == 200 else f"http_{resp.status}")
+            call.attempts.append(self._attempt(target, resp.status, error, t0))
+            if resp.ok:
+                call.served = target
+                return await self._success(call, resp)
+            last = resp
+            if not resp.retryable:
+                return await self._passthrough(call, target, resp)
+        return await self._all_failed(call, last)
+
+    @staticmethod
+    def _attempt(target: Target, status: int, error: str | None, t0: float) -> dict[str, Any]:
+        return {"provider": target.provider, "model": target.upstream_model, "status": status,
+                "error": error, "latency_ms": round((time.monotonic() - t0) * 1000, 2)}
+
+    async def _passthrough(self, call: Call, target: Target, resp: hop.HopResponse) -> Answer:
+        call.served = target
+        try:
+            err = orjson.loads(resp.body).get("error", {})
+        except (orjson.JSONDecodeError, AttributeError):
+            err = {}
+        exc = UpstreamError(str(err.get("message") or f"upstream returned {resp.status}"),
+                            status=resp.status, code=str(err.get("code") or f"upstream_http_{resp.status}"),
+                            param=err.get("param"))
+        await self._settle_failure(call)
+        return self._error(call, exc)
+
+    async def _all_failed(self, call: Call, last: hop.HopResponse | None) -> Answer:
+        status = 502 if call.attempts else 503
+        headers = {}
+        if last is not None and last.retry_after:
+            headers["Retry-After"] = str(max(1, int(last.retry_after)))
+        exc = UpstreamUnavailable(f"All {len(call.attempts)} upstream attempt(s) failed.", status=status,
+                                  headers=headers)
+        await self._settle_failure(call)
+        return self._error(call, exc)
+
+    # ---- answers ------------------------------------------------------------------------------
+
+    async def _success(self, call: Call, resp: hop.HopResponse) -> Answer:
+        if resp.chunks is None:
+            call.ttfb_ms = (time.monotonic() - call.started) * 1000
+            usage = Usage.from_header(resp.headers.get(hop.H_USAGE)) or Usage(
+                call.ticket.tokens_estimate if call.ticket else 0, estimate_text(resp.body), True)
+            await self._settle(call, True, usage, 200, None)
+            return Answer(200, call.headers(), resp.body)
+        return Answer(200, call.headers(), stream=self._relay(call, resp), media_type="text/event-stream")
+
+    async def _relay(self, call: Call, resp: hop.HopResponse) -> AsyncIterator[bytes]:
+        tail = b""
+        delivered = 0
+        completed = False
+        try:
+            async for chunk in resp.chunks:  # type: ignore[union-attr]
+                if call.ttfb_ms is None:
+                    call.ttfb_ms = (time.monotonic() - call.started) * 1000
+                delivered += len(chunk)
+                tail = (tail + chunk)[-512:]
+                yield chunk
+            completed = True
+        finally:
+            if resp.close is not None:
+                await resp.close()
+            parsed = parse_usage_comment(tail)
+            if parsed is not None:
+                usage = Usage(*parsed)
+            else:
+                # Cut short (client gone or pool lost): bill what was delivered, by a count.
+                prompt = call.ticket.tokens_estimate if call.ticket else 0
+                usage = Usage(prompt, estimate_text(b"x" * (delivered // 2)), True)
+            status = 200 if completed else 499
+            # Shielded: a client disconnect cancels this generator, settlement must still land.
+            await asyncio.shield(self._settle(call, True, usage, status, None if completed else "client_closed"))
+
+    def _error(self, call: Call, exc: TrexError) -> Answer:
+        headers = call.headers()
+        headers.update(exc.response_headers())
+        self._emit(call, exc.status, exc.code, None, 0)
+        return Answer(exc.status, headers, exc.body(call.request_id, call.attempts))
+
+    # ---- settlement and records ---------------------------------------------------------------
+
+    async def _settle_failure(self, call: Call) -> None:
+        if call.ticket is not None and call.ticket.lease_id is not None:
+            ticket, call.ticket.lease_id = call.ticket, None
+            await self.gate.settle(ticket, Settlement(False))
+
+    async def _settle(self, call: Call, ok: bool, usage: Usage, status: int, error: str | None) -> None:
+        charged = 0
+        if call.ticket is not None:
+            target = call.served
+            charged = await self.gate.settle(call.ticket, Settlement(
+                ok, usage.prompt_tokens, usage.completion_tokens,
+                target.provider if target else None, target.upstream_model if target else None,
+                target.model.id if target else None))
+            call.ticket.lease_id = None
+        self._emit(call, status, error, usage, charged)
+
+    def _emit(self, call: Call, status: int, error: str | None, usage: Usage | None, charged: int) -> None:
+        p = call.principal
+        self.record(RequestRecord(
+            request_id=call.request_id, api=call.api, account_id=p.account_id if p else None,
+            key_id=p.key_id if p else None, key_prefix=p.key_prefix if p else None,
+            model_requested=call.model_requested,
+            provider=call.served.provider if call.served else None,
+            model_served=call.served.upstream_model if call.served else None,
+            attempts=len(call.attempts), fallbacks=max(0, len(call.attempts) - 1), status=status,
+            error_code=error, latency_ms=round((time.monotonic() - call.started) * 1000, 3),
+            ttfb_ms=round(call.ttfb_ms, 3) if call.ttfb_ms is not None else None,
+            tokens_in=usage.prompt_tokens if usage else 0, tokens_out=usage.completion_tokens if usage else 0,
+            billing=call.ticket.billing if call.ticket else None, credits_charged=charged,
+            stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts)))

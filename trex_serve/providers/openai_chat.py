@@ -1,0 +1,91 @@
+"""OpenAI-compatible chat completions: passthrough with the model rewritten and usage read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from trex_serve.catalog import Provider
+from trex_serve.providers.base import UpstreamCall, Usage, error_fields, register
+from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
+from trex_serve.tokens import CHARS_PER_TOKEN
+
+
+class OpenAIStream:
+    """Relays chunks as they come; drops the usage-only chunk when the client did not ask for it,
+    and reports usage (or a count of delivered text) in a trailing comment."""
+
+    def __init__(self, want_usage: bool) -> None:
+        self.want_usage = want_usage
+        self.usage: Usage | None = None
+        self.delivered_chars = 0
+        self._split = EventSplitter()
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._split.feed(chunk)
+        if not events:
+            return b""
+        out = []
+        for event in events:
+            if b'"usage"' in event:
+                data = data_of(event)
+                try:
+                    obj = orjson.loads(data) if data else None
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    usage = Usage.from_openai(obj.get("usage"))
+                    if usage is not None:
+                        self.usage = usage
+                        if not self.want_usage:
+                            if not obj.get("choices"):
+                                continue  # the usage-only chunk we asked for on the client's behalf
+                            obj.pop("usage", None)
+                            event = b"data: " + orjson.dumps(obj)
+            elif b'"content"' in event:
+                self.delivered_chars += len(event) // 2  # rough: half of a delta event is text
+            out.append(event)
+        return b"\n\n".join(out) + b"\n\n" if out else b""
+
+    def finish(self) -> bytes:
+        rest = self._split.rest()
+        tail = rest + b"\n\n" if rest.strip() else b""
+        usage = self.usage or Usage(0, self.delivered_chars // CHARS_PER_TOKEN, True)
+        return tail + usage_comment(usage.prompt_tokens, usage.completion_tokens, usage.estimated)
+
+
+class OpenAIChatAdapter:
+    format = "openai"
+
+    def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
+              api_key: str | None, provider: Provider) -> UpstreamCall:
+        out = dict(body)
+        out["model"] = upstream_model
+        if stream:
+            opts = dict(out.get("stream_options") or {})
+            opts["include_usage"] = True
+            out["stream_options"] = opts
+        headers = {"Content-Type": "application/json", **provider.headers}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        path = "/responses" if api == "responses" else "/chat/completions"
+        return UpstreamCall(provider.base_url.rstrip("/") + path, headers, orjson.dumps(out))
+
+    def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ValueError("upstream answered with malformed JSON") from None
+        if not isinstance(data, dict):
+            raise ValueError("upstream answered with a non-object JSON body")
+        return body, Usage.from_openai(data.get("usage"))
+
+    def stream_translator(self, api: str, want_usage: bool, model: str) -> OpenAIStream:
+        return OpenAIStream(want_usage)
+
+    def translate_error(self, status: int, body: bytes) -> tuple[str, str]:
+        return error_fields(body, f"upstream_http_{status}")
+
+
+register(OpenAIChatAdapter())

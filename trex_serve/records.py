@@ -1,0 +1,36 @@
+"""The one record each request leaves behind: a log row and the source of its metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    api: str
+    account_id: str | None
+    key_id: str | None
+    key_prefix: str | None
+    model_requested: str
+    provider: str | None
+    model_served: str | None
+    attempts: int
+    fallbacks: int
+    status: int
+    error_code: str | None
+    latency_ms: float
+    ttfb_ms: float | None
+    tokens_in: int
+    tokens_out: int
+    billing: str | None
+    credits_charged: int
+    stream: bool
+    client_ip: str
+    attempt_detail: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)

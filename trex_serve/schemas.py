@@ -1,0 +1,94 @@
+"""OpenAI wire shapes. Unknown fields are kept so new OpenAI parameters pass through untouched."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trex_serve.errors import InvalidRequest
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FallbackTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str
+    model: str
+
+
+class TrexRouting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str | None = None
+    fallbacks: list[FallbackTarget] = Field(default_factory=list, max_length=8)
+    allow_fallbacks: bool = True
+
+
+class TrexExtension(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    routing: TrexRouting = Field(default_factory=TrexRouting)
+
+
+class ChatMessage(_Open):
+    role: str
+    content: Any = None
+
+
+class ChatCompletionRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    n: int | None = Field(default=None, ge=1, le=128)
+    trex: TrexExtension | None = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any) -> Any:
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise ValueError("must be a boolean")
+        return value
+
+
+class ResponsesRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    input: Any
+    instructions: str | None = None
+    stream: bool = False
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    trex: TrexExtension | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "trex"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _param_of(exc: ValidationError) -> tuple[str | None, str]:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    return (loc or None), err.get("msg", "invalid value")
+
+
+def parse_model(cls: type[BaseModel], payload: Any) -> Any:
+    """Validate a decoded JSON body, turning the first violation into a 400 naming its field."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return cls.model_validate(payload)
+    except ValidationError as exc:
+        param, msg = _param_of(exc)
+        raise InvalidRequest(f"Invalid value for '{param}': {msg}", param=param) from None
