@@ -3,6 +3,7 @@ answer. The Ray ingress deployment wraps this same app."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,14 +52,8 @@ def error_response(exc: TrexError, request_id: str | None = None) -> Response:
     return Response(exc.body(rid), status_code=exc.status, headers=headers, media_type="application/json")
 
 
-def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
-                   extra: Callable[[FastAPI], Any] | None = None) -> FastAPI:
-    """``pipeline_ref`` returns the live pipeline (built inside a replica, after the app exists)."""
-    app = FastAPI(title="Trex Serve", version="0.1.0", docs_url=None, redoc_url=None)
-
-    def ip(request: Request, settings: Settings) -> str:
-        peer = request.client.host if request.client else None
-        return client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the OpenAI envelope: ours, FastAPI's validation, and the unexpected."""
 
     @app.exception_handler(TrexError)
     async def _trex_error(_request: Request, exc: TrexError) -> Response:
@@ -74,9 +69,41 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
         # Never a bare 500 or a stack trace on the wire; the log has the details.
-        import logging
         logging.getLogger("trex.http").exception("unhandled error")
         return error_response(TrexError("The gateway hit an internal error.", status=500))
+
+
+class SubAppDispatch:
+    """Sends /admin/... to the operator app, built later than this app inside the replica."""
+
+    def __init__(self, app: Any, prefix: str, sub_app_ref: Callable[[], Awaitable[Any]]) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.sub_app_ref = sub_app_ref
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            sub = await self.sub_app_ref()
+            if sub is not None:
+                await sub(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
+                   admin_ref: Callable[[], Awaitable[Any]] | None = None,
+                   extra: Callable[[FastAPI], Any] | None = None) -> FastAPI:
+    """``pipeline_ref`` returns the live pipeline (built inside a replica, after the app exists);
+    ``admin_ref`` the operator app, served under /admin/."""
+    app = FastAPI(title="Trex Serve", version="0.1.0", docs_url=None, redoc_url=None)
+    if admin_ref is not None:
+        app.add_middleware(SubAppDispatch, prefix="/admin/", sub_app_ref=admin_ref)
+
+    def ip(request: Request, settings: Settings) -> str:
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+
+    install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -1,0 +1,67 @@
+"""The app builder: typed arguments → a Serve application with one Ingress, one Router and one
+ProviderPool deployment per catalog provider, each pool with its own autoscaling settings.
+Used by `serve deploy config/serve.yaml` (import path deployments.app:build_app) and `trex-serve up`."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.provider_pool import ProviderPool
+from deployments.router import Router
+from trex_serve.catalog import load_catalog
+from trex_serve.settings import Settings
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    catalog_path: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
+    admin_token: str | None = None
+    secret_key: str | None = None
+    pool_secret: str | None = None
+    ingress_replicas: int = Field(default=1, ge=1)
+    pool_autoscaling: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def build_app(raw_args: dict[str, Any] | None = None) -> Application:
+    args = AppArgs.model_validate(raw_args or {})
+    env = Settings.from_env()
+    catalog_path = args.catalog_path or env.catalog_path
+    catalog = load_catalog(catalog_path)
+    resolved = {
+        "catalog_path": catalog_path,
+        "database_url": args.database_url or env.database_url,
+        "redis_url": args.redis_url or env.redis_url,
+        "admin_token": args.admin_token or env.admin_token,
+        "secret_key": args.secret_key or env.secret_key,
+        # One secret per deployment: only our ingress replicas may call the pools' ports.
+        "pool_secret": args.pool_secret or env.pool_secret or secrets.token_urlsafe(32),
+    }
+    router = Router.bind()
+    pools = {}
+    for provider in catalog.providers:
+        sizing = provider.pool
+        autoscaling = {
+            "min_replicas": sizing.min_replicas,
+            "max_replicas": sizing.max_replicas,
+            "target_ongoing_requests": sizing.target_ongoing_requests,
+            "upscale_delay_s": 5,
+            "downscale_delay_s": 30,
+            "policy": {"policy_function": "deployments.provider_pool:inflight_policy"},
+            **args.pool_autoscaling.get(provider.name, {}),
+        }
+        pools[provider.name] = ProviderPool.options(
+            name=f"pool-{provider.name}", autoscaling_config=autoscaling,
+        ).bind(provider.name, catalog_path, resolved["pool_secret"], router)
+    return Ingress.options(num_replicas=args.ingress_replicas).bind(resolved, pools, router)
+
+
+app = build_app
+__all__ = ["build_app", "AppArgs", "serve"]

@@ -1,0 +1,106 @@
+"""Benchmark the counter store: one EVALSHA per call vs the group-commit batcher.
+
+Each simulated request is one admission + one settlement (two Lua calls), credits-billed with an
+RPM limit, a concurrency lease, a spend cap and velocity tracking: the heavy path. Prints script
+calls per second and requests per second at each concurrency.
+
+    .venv/bin/python scripts/bench_counters.py                 # starts its own Redis
+    .venv/bin/python scripts/bench_counters.py --url redis://127.0.0.1:6379/0 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from trex_serve.counters import AdmitRequest, CounterStore, SettleRequest
+from trex_serve.embedded import free_port, start_redis
+
+
+async def run(url: str, group_commit: bool, concurrency: int, seconds: float) -> tuple[int, float]:
+    prefix = f"bench{uuid.uuid4().hex[:8]}:"
+    store = CounterStore.from_url(url, prefix, group_commit=group_commit)
+    await store.load_scripts()
+    await store.ensure_balance("acct", 10**15)
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        key = f"key{w % 8}"
+        while time.perf_counter() < stop:
+            rid = uuid.uuid4().hex
+            res = await store.admit(
+                AdmitRequest(
+                    rid,
+                    key,
+                    "acct",
+                    billing="credits",
+                    rpm=10**9,
+                    tpm=10**12,
+                    tokens_estimate=500,
+                    concurrency=1000,
+                    reserve_micro=1500,
+                    key_daily_cap_micro=10**14,
+                )
+            )
+            assert res.ok, res
+            await store.settle(
+                SettleRequest(
+                    rid,
+                    tokens_in=300,
+                    tokens_out=100,
+                    charge_micro=900,
+                    velocity_window_s=60,
+                    velocity_max_micro=10**14,
+                )
+            )
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker(w) for w in range(concurrency)])
+    elapsed = time.perf_counter() - t0
+    # clean up the namespace
+    async for k in store.client.scan_iter(match=prefix + "*", count=1000):
+        await store.client.delete(k)
+    await store.aclose()
+    return done, elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="", help="Redis URL (default: start a private server)")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeat", type=int, default=3, help="alternate the modes N times, keep the best")
+    args = parser.parse_args()
+    proc = None
+    url = args.url
+    if not url:
+        port = free_port()
+        proc = start_redis(port, Path(tempfile.mkdtemp(prefix="trex-bench-redis-")))
+        url = f"redis://127.0.0.1:{port}/0"
+    try:
+        print(f"{'mode':<14}{'conc':>6}{'requests/s':>14}{'script calls/s':>18}   (best of {args.repeat})")
+        for conc in args.concurrency:
+            best = {False: 0.0, True: 0.0}
+            for _ in range(args.repeat):  # alternate, so background load hits both modes alike
+                for group in (False, True):
+                    n, el = await run(url, group, conc, args.seconds)
+                    best[group] = max(best[group], n / el)
+            for group in (False, True):
+                mode = "group-commit" if group else "direct"
+                rate = best[group]
+                print(f"{mode:<14}{conc:>6}{rate:>14,.0f}{2 * rate:>18,.0f}", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

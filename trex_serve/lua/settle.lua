@@ -1,0 +1,36 @@
+-- Settlement in one atomic call: release the lease, settle quota or credits from the admission
+-- record, track velocity. Idempotent: the record is consumed, so a second call does nothing.
+-- ARGV: 1 prefix, 2 request_id, 3 success (1|0), 4 tokens (actual, in+out), 5 charge_micro,
+-- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro.
+-- Returns {settled, billing, charged, refunded, balance_after(-1 = n/a), velocity_exceeded,
+--          velocity_micro}
+local rid = ARGV[2]
+local success = ARGV[3] == '1'
+local tokens, charge = tonumber(ARGV[4]), tonumber(ARGV[5])
+local vw, vmax = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local r = release(rid, success, tokens, charge)
+if not r then return {0, '', 0, 0, -1, 0, 0} end
+local charged = r[2]
+local exceeded, vsum = 0, 0
+if vw > 0 and vmax >= 0 and charged > 0 then
+  -- Rolling window per key: a sorted set of 'request_id|amount' scored by time (ms) and a running
+  -- sum, so each call only touches the entries that fall out of the window.
+  local now_ms = math.floor(now_from(ARGV[6]) * 1000)
+  local zk, sk = P .. 'vel:' .. r[5], P .. 'velsum:' .. r[5]
+  local cutoff = now_ms - vw * 1000
+  local old = redis.call('ZRANGEBYSCORE', zk, '-inf', I(cutoff))
+  if #old > 0 then
+    local gone = 0
+    for _, m in ipairs(old) do gone = gone + (tonumber(string.match(m, '|(%d+)$')) or 0) end
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', I(cutoff))
+    if redis.call('EXISTS', sk) == 1 then incr_floor0(sk, -gone) end
+  end
+  if redis.call('ZCARD', zk) == 0 then redis.call('DEL', sk) end
+  redis.call('ZADD', zk, I(now_ms), rid .. '|' .. I(charged))
+  vsum = redis.call('INCRBY', sk, I(charged))
+  redis.call('PEXPIRE', zk, I(vw * 1000 + 1000))
+  redis.call('PEXPIRE', sk, I(vw * 1000 + 1000))
+  if vsum > vmax then exceeded = 1 end
+end
+return {1, r[1], charged, r[3], r[4], exceeded, vsum}

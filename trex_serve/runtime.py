@@ -1,0 +1,117 @@
+"""Builds the live collaborators of one ingress replica from settings: store, counters, gate,
+writers, operator API. Ray-free, so tests build the same runtime without a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+from fastapi import FastAPI
+
+from trex_serve import billing
+from trex_serve.admin_api import build_admin_router
+from trex_serve.catalog import Catalog, load_catalog
+from trex_serve.counters import CounterStore
+from trex_serve.keygate import KeyGate
+from trex_serve.records import RequestRecord
+from trex_serve.settings import Settings
+from trex_serve.store.database import create_engine, migrate
+from trex_serve.store.repository import Repository
+from trex_serve.writer import BatchWriter
+
+log = logging.getLogger("trex.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, catalog: Catalog, repo: Repository, counters: CounterStore) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.repo = repo
+        self.counters = counters
+        self.logs = BatchWriter("logs", repo.insert_logs)
+        self.ledger = BatchWriter("ledger", repo.append_ledger, interval_s=0.05)
+        self.risk_events = BatchWriter("risk", self._write_risk_events)
+        self.gate = KeyGate(catalog, repo, counters, auth_failures_per_minute=settings.auth_failures_per_minute,
+                            ledger=self.ledger.put, risk_event=self.risk_events.put)
+        self._tasks: list[asyncio.Task] = []
+        self.observers: list[Any] = []
+
+    @classmethod
+    async def create(cls, args: dict[str, Any] | None = None) -> Runtime:
+        """``args`` (from the app builder) override the environment's settings."""
+        args = args or {}
+        settings = Settings.from_env()
+        overrides = {k: v for k, v in args.items() if k in Settings.__dataclass_fields__ and v}
+        settings = replace(settings, **overrides)
+        catalog = load_catalog(settings.catalog_path)
+        if not settings.secret_key:
+            raise RuntimeError("TREX_SECRET_KEY must be set: it encrypts provider keys at rest")
+        if not settings.redis_url:
+            raise RuntimeError("TREX_REDIS_URL must be set (trex-serve up starts an embedded Redis)")
+        engine = create_engine(settings.database_url or None)
+        await asyncio.to_thread(migrate, engine)
+        repo = Repository(engine, settings.secret_key)
+        await asyncio.to_thread(repo.sync_plans, [p.model_dump() for p in catalog.plans])
+        counters = CounterStore.from_url(settings.redis_url)
+        runtime = cls(settings, catalog, repo, counters)
+        runtime.start()
+        return runtime
+
+    def start(self) -> None:
+        for writer in (self.logs, self.ledger, self.risk_events):
+            writer.start()
+        self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for writer in (self.logs, self.ledger, self.risk_events):
+            await writer.close()
+        await self.counters.aclose()
+
+    def _write_risk_events(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.repo.add_risk_event(**row)
+
+    def record(self, rec: RequestRecord) -> None:
+        self.logs.put(rec.row())
+        for observer in self.observers:
+            observer(rec)
+
+    # ---- operator API --------------------------------------------------------------------------
+
+    async def _on_change(self, kind: str, ident: str) -> None:
+        self.gate.invalidate(kind, ident)
+        await self.counters.publish_invalidation(kind, ident)
+
+    async def _usage(self, account_id: str) -> dict[str, Any]:
+        account = await asyncio.to_thread(self.repo.get_account, account_id)
+        plan = self.catalog.plan(account["plan"]) if account else None
+        used = await self.counters.quota_usage(account_id)
+        limits = plan.daily_quota if plan else None
+        live = await self.counters.get_balance(account_id)
+        quota = {
+            "requests_used": used.get("requests", 0), "tokens_used": used.get("tokens", 0),
+            "requests_limit": limits.requests if limits else None, "tokens_limit": limits.tokens if limits else None,
+            "resets_in_s": billing.seconds_to_utc_midnight(),
+        }
+        for what in ("requests", "tokens"):
+            limit = quota[f"{what}_limit"]
+            quota[f"{what}_left"] = None if limit is None else max(0, limit - quota[f"{what}_used"])
+        return {"quota": quota, "live_balance_micro": live}
+
+    async def _on_credits(self, account_id: str, micro: int) -> None:
+        await self.counters.grant(account_id, micro)
+
+    def admin_app(self) -> FastAPI:
+        """The operator API as its own small app (served under /admin/ by the gateway's app)."""
+        from trex_serve.http_app import install_error_handlers
+
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        install_error_handlers(app)
+        app.include_router(build_admin_router(
+            self.repo, self.settings.admin_token, self._on_change, usage_extra=self._usage,
+            on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))
+        return app
