@@ -1,0 +1,175 @@
+"""End to end: the real Ray Serve app started by `trex-serve up --detach`, mock upstream processes,
+real Redis and SQLite, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import MockProcess, write_catalog
+from trex_serve.embedded import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    home = tmp_path_factory.mktemp("trex-e2e")
+    mocks = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
+    catalog = write_catalog(home / "catalog.yaml", mocks)
+    port = free_port()
+    env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(port),
+           "TREX_ADMIN_TOKEN": "op-token-e2e", "TREX_HAPROXY_PORTS_BASE": str(free_port())}
+    env.pop("TREX_REDIS_URL", None)
+    env.pop("TREX_DATABASE_URL", None)
+    cli = [sys.executable, "-m", "trex_serve.cli"]
+    ray_port = str(free_port())
+    up = subprocess.run([*cli, "up", "--detach", "--ray-port", ray_port, "--num-cpus", "2"], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    base = f"http://127.0.0.1:{port}"
+    admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": "Bearer op-token-e2e"}, timeout=30)
+    account = admin.post("/accounts", json={"name": "e2e", "plan": "free"}).json()
+    key = admin.post(f"/accounts/{account['id']}/keys", json={"name": "main"}).json()
+    admin.post(f"/accounts/{account['id']}/credits", json={"amount": 5, "reason": "e2e"})
+    yield {"base": base, "admin": admin, "account": account, "key": key["key"], "mocks": mocks}
+    subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
+    for m in mocks.values():
+        m.stop()
+
+
+@pytest.fixture
+def client(gateway):
+    for m in gateway["mocks"].values():
+        m.reset()
+    return openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=gateway["key"], max_retries=0)
+
+
+def test_models_list_includes_smart_auto(client):
+    ids = [m.id for m in client.models.list()]
+    assert "smart-auto" in ids and "gpt-4o-mini" in ids
+
+
+def test_chat_non_stream_through_one_hop(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    answer = raw.parse()
+    assert answer.choices[0].message.content.startswith("Hello from alpha")
+    assert raw.headers["x-trex-upstream-provider"] == "alpha"
+    assert raw.headers["x-trex-billing"] == "quota"
+    assert raw.headers["x-trex-request-id"].startswith("req_")
+    assert int(raw.headers["x-ratelimit-remaining-requests"]) >= 0
+    assert answer.usage.completion_tokens > 0
+
+
+def test_chat_stream_with_usage(client):
+    stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                            messages=[{"role": "user", "content": "stream"}],
+                                            stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text.startswith("Hello from alpha") and usage and usage.completion_tokens > 0
+
+
+def test_fallback_on_503_uses_next_candidate(gateway, client):
+    gateway["mocks"]["alpha"].control(fail_next=1, error_status=503)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+    assert raw.headers["x-trex-upstream-provider"] == "beta"
+    assert raw.headers["x-trex-attempts"] == "2"
+
+
+def test_stream_falls_back_before_first_byte(gateway, client):
+    gateway["mocks"]["alpha"].control(fail_next=1, error_status=429)
+    stream = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "x"}])
+    assert stream.headers["x-trex-upstream-provider"] == "beta"
+    text = "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
+    assert text.startswith("Hello from beta")
+
+
+def test_all_failed_is_502_with_attempts(gateway, client):
+    for m in gateway["mocks"].values():
+        m.control(fail_next=1, error_status=500)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 502
+    body = err.value.body
+    assert body["code"] == "upstream_unavailable" and len(body["trex"]["attempts"]) == 2
+
+
+def test_unknown_key_and_model(gateway, client):
+    bad = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key="trex-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.models.list()
+    assert err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_premium_model_bills_credits_exactly(gateway, client):
+    admin, acc = gateway["admin"], gateway["account"]["id"]
+    before = admin.get(f"/accounts/{acc}/usage").json()["credits"]["charged_micro"]
+    raw = client.chat.completions.with_raw_response.create(
+        model="big-model", messages=[{"role": "user", "content": "premium please"}])
+    usage = raw.parse().usage
+    assert raw.headers["x-trex-billing"] == "credits"
+    expected = usage.prompt_tokens * 5 + usage.completion_tokens * 15  # micro-credits at catalog prices
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        after = admin.get(f"/accounts/{acc}/usage").json()["credits"]["charged_micro"]
+        if after != before:
+            break
+        time.sleep(0.1)
+    assert after - before == expected
+
+
+def test_revocation_reaches_the_replica_within_a_second(gateway):
+    admin, acc = gateway["admin"], gateway["account"]["id"]
+    key = admin.post(f"/accounts/{acc}/keys", json={"name": "short-lived"}).json()
+    c = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=key["key"], max_retries=0)
+    assert c.models.list()
+    assert admin.patch(f"/keys/{key['id']}", json={"state": "revoked"}).status_code == 200
+    time.sleep(1.0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        c.models.list()
+    assert err.value.body["code"] == "api_key_revoked"
+
+
+def test_rate_limit_429_with_retry_after(gateway):
+    admin, acc = gateway["admin"], gateway["account"]["id"]
+    key = admin.post(f"/accounts/{acc}/keys", json={"name": "slow", "limits": {"rpm": 2}}).json()
+    c = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=key["key"], max_retries=0)
+    for _ in range(2):
+        c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["code"] == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+
+
+def test_request_id_appears_in_the_account_logs(gateway, client):
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "log me"}])
+    rid = raw.headers["x-trex-request-id"]
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        rows = gateway["admin"].get(f"/accounts/{gateway['account']['id']}/logs?limit=20").json()["data"]
+        if any(r["request_id"] == rid for r in rows):
+            break
+        time.sleep(0.2)
+    row = next(r for r in rows if r["request_id"] == rid)
+    assert row["provider"] == "alpha" and row["status"] == 200 and row["tokens_out"] > 0
+    assert "log me" not in json.dumps(row)
