@@ -1,0 +1,269 @@
+"""Admission through the real gate, in process: SQL store (SQLite and PostgreSQL), real Redis
+counters, the relay hop and mock upstream processes. Each error code of CONTRACT.md section 2 that
+admission owns, and that nothing is charged for a refused request."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from tests.helpers import MockProcess, write_catalog
+from trex_serve.catalog import load_catalog
+from trex_serve.counters import CounterStore
+from trex_serve.http_app import build_http_app
+from trex_serve.pipeline import Pipeline
+from trex_serve.pool_server import PoolServer
+from trex_serve.relay import HttpRelay
+from trex_serve.routing import Planner
+from trex_serve.runtime import Runtime
+from trex_serve.settings import Settings
+from trex_serve.store.database import create_engine, migrate
+from trex_serve.store.repository import Repository
+
+PLAN = """
+  - name: tight
+    rpm: 3
+    tpm: 1000000
+    concurrency: 1
+    burst_concurrency: 1
+    daily_quota: {requests: 2, tokens: 100000}
+    premium: false
+"""
+
+
+@pytest.fixture(scope="module")
+def mocks():
+    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
+    yield procs
+    for p in procs.values():
+        p.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'trex.db'}"
+        return
+    base = request.getfixturevalue("postgres_url")
+    name = "trex_" + uuid.uuid4().hex[:10]
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    url = sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+async def gw(mocks, tmp_path, database_url, redis_url, key_prefix):
+    for m in mocks.values():
+        m.reset()
+    catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks, extra=PLAN))
+    settings = Settings(catalog_path="", database_url=database_url, redis_url=redis_url, admin_token="op",
+                        secret_key="test-secret", auth_failures_per_minute=5)
+    engine = create_engine(database_url)
+    migrate(engine)
+    repo = Repository(engine, settings.secret_key)
+    repo.sync_plans([p.model_dump() for p in catalog.plans])
+    runtime = Runtime(settings, catalog, repo, CounterStore.from_url(redis_url, prefix=key_prefix))
+    runtime.start()
+    pool = PoolServer({p.name: p for p in catalog.providers}, "pool-secret")
+    port = await pool.start()
+
+    async def pick(_provider, _exclude):
+        return ("127.0.0.1", port)
+
+    relay = HttpRelay(pick, "pool-secret")
+    pipeline = Pipeline(catalog, settings, runtime.gate, relay, Planner(), runtime.record)
+    admin_app = runtime.admin_app()
+
+    async def pipeline_ref():
+        return pipeline
+
+    async def admin_ref():
+        return admin_app
+
+    app = build_http_app(pipeline_ref, admin_ref)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        client.runtime = runtime
+        client.mocks = mocks
+        yield client
+    await runtime.close()
+    await relay.close()
+    await pool.stop()
+    engine.dispose()
+
+
+OP = {"Authorization": "Bearer op"}
+
+
+async def account(gw, plan="free", credits=None, **patch):
+    acc = (await gw.post("/admin/v1/accounts", json={"name": "t", "plan": plan}, headers=OP)).json()
+    if credits:
+        await gw.post(f"/admin/v1/accounts/{acc['id']}/credits", json={"amount": credits, "reason": "t"}, headers=OP)
+    if patch:
+        r = await gw.patch(f"/admin/v1/accounts/{acc['id']}", json=patch, headers=OP)
+        assert r.status_code == 200, r.text
+    return acc
+
+
+async def new_key(gw, acc, **body):
+    r = await gw.post(f"/admin/v1/accounts/{acc['id']}/keys", json=body, headers=OP)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def chat(gw, key, model="gpt-4o-mini", headers=None, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
+    return await gw.post("/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+
+def code(r):
+    return r.json()["error"]["code"]
+
+
+async def test_key_states_map_to_their_codes(gw):
+    acc = await account(gw)
+    for state, expected in [("revoked", "api_key_revoked"), ("inactive", "api_key_inactive"),
+                            ("suspended", "api_key_suspended")]:
+        key = await new_key(gw, acc)
+        assert (await chat(gw, key["key"])).status_code == 200
+        await gw.patch(f"/admin/v1/keys/{key['id']}", json={"state": state}, headers=OP)
+        r = await chat(gw, key["key"])
+        assert (r.status_code, code(r)) == (401, expected)
+    expired = await new_key(gw, acc, expires_at=(datetime.now(UTC) - timedelta(minutes=1)).isoformat())
+    r = await chat(gw, expired["key"])
+    assert (r.status_code, code(r)) == (401, "api_key_inactive")
+
+
+async def test_account_and_subscription_states(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    await gw.patch(f"/admin/v1/accounts/{acc['id']}", json={"state": "suspended"}, headers=OP)
+    r = await chat(gw, key["key"])
+    assert (r.status_code, code(r)) == (401, "account_suspended")
+    await gw.patch(f"/admin/v1/accounts/{acc['id']}", json={"state": "active", "subscription_state": "canceled"},
+                   headers=OP)
+    r = await chat(gw, key["key"])
+    assert (r.status_code, code(r)) == (402, "subscription_inactive")
+    grace = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    await gw.patch(f"/admin/v1/accounts/{acc['id']}", json={"subscription_state": "past_due", "grace_until": grace},
+                   headers=OP)
+    assert (await chat(gw, key["key"])).status_code == 200
+
+
+async def test_rate_limit_then_quota_with_retry_after_and_headers(gw):
+    acc = await account(gw, plan="tight")
+    key = await new_key(gw, acc)
+    first = await chat(gw, key["key"])
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    assert (await chat(gw, key["key"])).status_code == 200
+    r = await chat(gw, key["key"])
+    assert (r.status_code, code(r)) == (429, "insufficient_quota")
+    assert int(r.headers["retry-after"]) >= 1
+    # A refused request changes nothing: it did not count against the minute's requests either.
+    limited = await new_key(gw, await account(gw), limits={"rpm": 1})
+    assert (await chat(gw, limited["key"])).status_code == 200
+    r = await chat(gw, limited["key"])
+    assert (r.status_code, code(r)) == (429, "rate_limit_exceeded")
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+async def test_failed_request_costs_no_quota(gw):
+    acc = await account(gw, plan="tight")
+    key = await new_key(gw, acc)
+    for m in gw.mocks.values():
+        m.control(error_rate=1.0, error_status=503)
+    assert (await chat(gw, key["key"])).status_code == 502
+    usage = (await gw.get(f"/admin/v1/accounts/{acc['id']}/usage", headers=OP)).json()
+    assert usage["quota"]["requests_used"] == 0
+
+
+async def test_insufficient_credits_then_grant_then_exact_charge(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    r = await chat(gw, key["key"], model="big-model")
+    assert (r.status_code, code(r)) == (402, "insufficient_credits")
+    await gw.post(f"/admin/v1/accounts/{acc['id']}/credits", json={"amount": 1, "reason": "t"}, headers=OP)
+    r = await chat(gw, key["key"], model="big-model")
+    assert r.status_code == 200 and r.headers["x-trex-billing"] == "credits"
+    usage = r.json()["usage"]
+    await gw.runtime.ledger.flush_once()
+    totals = gw.runtime.repo.ledger_totals(acc["id"])
+    assert totals["charged"] == usage["prompt_tokens"] * 5 + usage["completion_tokens"] * 15
+    assert await gw.runtime.counters.get_balance(acc["id"]) == totals["balance"]
+
+
+async def test_downgrade_policy_serves_smart_auto(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc, billing_policy="downgrade")
+    r = await chat(gw, key["key"], model="big-model")
+    assert r.status_code == 200
+    assert r.headers["x-trex-downgraded"] == "1" and r.headers["x-trex-billing"] == "quota"
+
+
+async def test_binding_missing_then_override_then_bound_key(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    r = await chat(gw, key["key"], model="byok-model")
+    assert (r.status_code, code(r)) == (424, "provider_binding_missing")
+    assert "byok" in r.json()["error"]["message"]
+    r = await chat(gw, key["key"], model="byok-model", headers={"X-Upstream-Api-Key": "sk-override-1234"})
+    assert r.status_code == 200
+    assert gw.mocks["alpha"].stats()["last_auth"] == "Bearer sk-override-1234"
+    await gw.put(f"/admin/v1/accounts/{acc['id']}/bindings/byok", json={"api_key": "sk-bound-5678"}, headers=OP)
+    r = await chat(gw, key["key"], model="byok-model")
+    assert r.status_code == 200 and gw.mocks["alpha"].stats()["last_auth"] == "Bearer sk-bound-5678"
+    logs = (await gw.get(f"/admin/v1/accounts/{acc['id']}/logs", headers=OP)).text
+    await gw.runtime.logs.flush_once()
+    assert "sk-override" not in logs and "sk-bound" not in logs
+
+
+async def test_model_allow_list_and_plan_premium(gw):
+    acc = await account(gw, plan="tight")
+    key = await new_key(gw, acc, models=["gpt-4o-mini"])
+    r = await gw.get("/v1/models", headers={"Authorization": f"Bearer {key['key']}"})
+    assert [m["id"] for m in r.json()["data"]] == ["gpt-4o-mini"]
+    r = await chat(gw, key["key"], model="smart-auto")
+    assert (r.status_code, code(r)) == (404, "model_not_found")
+    other = await new_key(gw, acc)
+    r = await chat(gw, other["key"], model="big-model")  # the tight plan has no premium models
+    assert (r.status_code, code(r)) == (404, "model_not_found")
+
+
+async def test_failed_auth_throttle_spares_valid_keys(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    codes = [code(await chat(gw, f"trex-wrong-{i}")) for i in range(7)]
+    assert codes[:5] == ["invalid_api_key"] * 5 and codes[-1] == "too_many_auth_failures"
+    assert (await chat(gw, key["key"])).status_code == 200
+
+
+async def test_risk_ip_allow_list_and_ceilings(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc, risk={"allowed_ips": ["203.0.113.0/24"], "max_output_tokens": 100})
+    r = await chat(gw, key["key"])
+    assert (r.status_code, code(r)) == (403, "ip_not_allowed")
+    await gw.patch(f"/admin/v1/keys/{key['id']}", json={"risk": {"allowed_ips": ["127.0.0.0/8", "::1/128"],
+                                                                  "max_output_tokens": 100}}, headers=OP)
+    r = await chat(gw, key["key"], max_tokens=500)
+    assert (r.status_code, code(r)) == (400, "request_limit_exceeded")
+    assert r.json()["error"]["param"] == "max_tokens"
+    assert (await chat(gw, key["key"], max_tokens=50)).status_code == 200
+
+
+async def test_concurrency_slot_is_released_after_each_request(gw):
+    acc = await account(gw, plan="tight")
+    key = await new_key(gw, acc)
+    gw.mocks["alpha"].control(fail_next=1, error_status=400)
+    assert (await chat(gw, key["key"])).status_code == 400
+    assert (await chat(gw, key["key"])).status_code == 200
+    assert await gw.runtime.counters.inflight(key["id"]) == 0
