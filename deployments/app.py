@@ -4,6 +4,7 @@ Used by `serve deploy config/serve.yaml` (import path deployments.app:build_app)
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Any
 
@@ -31,7 +32,10 @@ class AppArgs(BaseModel):
 
 
 def build_app(raw_args: dict[str, Any] | None = None) -> Application:
-    args = AppArgs.model_validate(raw_args or {})
+    raw = dict(raw_args or {})
+    if "ingress_replicas" not in raw and os.environ.get("TREX_INGRESS_REPLICAS"):
+        raw["ingress_replicas"] = int(os.environ["TREX_INGRESS_REPLICAS"])
+    args = AppArgs.model_validate(raw)
     env = Settings.from_env()
     catalog_path = args.catalog_path or env.catalog_path
     catalog = load_catalog(catalog_path)

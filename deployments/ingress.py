@@ -33,6 +33,7 @@ class Ingress:
         self.relay = HttpRelay(self._pick, args["pool_secret"])
         pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate, self.relay,
                             self.planner, self.runtime.record)
+        self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())
         self._poller = asyncio.create_task(self._poll_routing_table(float(args.get("table_poll_s", 0.25))))
 

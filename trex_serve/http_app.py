@@ -73,16 +73,20 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(TrexError("The gateway hit an internal error.", status=500))
 
 
-class SubAppDispatch:
-    """Sends /admin/... to the operator app, built later than this app inside the replica."""
+CONTROL_PREFIXES = ("/admin/", "/metrics", "/dashboard", "/v1/dashboard/")
 
-    def __init__(self, app: Any, prefix: str, sub_app_ref: Callable[[], Awaitable[Any]]) -> None:
+
+class SubAppDispatch:
+    """Sends the control surface (operator and account APIs, metrics, dashboard) to the control
+    app, which is built later than this app, inside the replica."""
+
+    def __init__(self, app: Any, prefixes: tuple[str, ...], sub_app_ref: Callable[[], Awaitable[Any]]) -> None:
         self.app = app
-        self.prefix = prefix
+        self.prefixes = prefixes
         self.sub_app_ref = sub_app_ref
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
             sub = await self.sub_app_ref()
             if sub is not None:
                 await sub(scope, receive, send)
@@ -97,7 +101,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     ``admin_ref`` the operator app, served under /admin/."""
     app = FastAPI(title="Trex Serve", version="0.1.0", docs_url=None, redoc_url=None)
     if admin_ref is not None:
-        app.add_middleware(SubAppDispatch, prefix="/admin/", sub_app_ref=admin_ref)
+        app.add_middleware(SubAppDispatch, prefixes=CONTROL_PREFIXES, sub_app_ref=admin_ref)
 
     def ip(request: Request, settings: Settings) -> str:
         peer = request.client.host if request.client else None

@@ -15,6 +15,7 @@ from trex_serve.admin_api import build_admin_router
 from trex_serve.catalog import Catalog, load_catalog
 from trex_serve.counters import CounterStore
 from trex_serve.keygate import KeyGate
+from trex_serve.metrics import GatewayMetrics, MetricsExchange, metrics_response
 from trex_serve.records import RequestRecord
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
@@ -36,7 +37,10 @@ class Runtime:
         self.gate = KeyGate(catalog, repo, counters, auth_failures_per_minute=settings.auth_failures_per_minute,
                             ledger=self.ledger.put, risk_event=self.risk_events.put)
         self._tasks: list[asyncio.Task] = []
-        self.observers: list[Any] = []
+        self.metrics = GatewayMetrics()
+        self.metrics_exchange = MetricsExchange(counters.client, counters.prefix, None, self.metrics)
+        self.observers: list[Any] = [self.metrics.observe]
+        self.planner: Any = None
 
     @classmethod
     async def create(cls, args: dict[str, Any] | None = None) -> Runtime:
@@ -63,12 +67,14 @@ class Runtime:
         for writer in (self.logs, self.ledger, self.risk_events):
             writer.start()
         self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
+        self.metrics_exchange.start()
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for writer in (self.logs, self.ledger, self.risk_events):
             await writer.close()
+        await self.metrics_exchange.stop()
         await self.counters.aclose()
 
     def _write_risk_events(self, rows: list[dict[str, Any]]) -> None:
@@ -105,12 +111,28 @@ class Runtime:
     async def _on_credits(self, account_id: str, micro: int) -> None:
         await self.counters.grant(account_id, micro)
 
+    def refresh_metrics(self) -> None:
+        table = self.planner.table if self.planner is not None else None
+        if table is not None:
+            self.metrics.refresh(table, {"logs": self.logs, "ledger": self.ledger, "risk": self.risk_events},
+                                 self.gate.suspensions)
+
     def admin_app(self) -> FastAPI:
-        """The operator API as its own small app (served under /admin/ by the gateway's app)."""
+        """The control surface as its own small app, built once the replica's collaborators exist:
+        the operator API and /metrics (served through the gateway's app by prefix)."""
+        from fastapi.responses import Response
+
         from trex_serve.http_app import install_error_handlers
 
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(app)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            self.refresh_metrics()
+            body, content_type = await metrics_response(self.metrics_exchange)
+            return Response(body, headers={"Content-Type": content_type})
+
         app.include_router(build_admin_router(
             self.repo, self.settings.admin_token, self._on_change, usage_extra=self._usage,
             on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))

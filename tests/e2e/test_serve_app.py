@@ -26,7 +26,8 @@ def gateway(tmp_path_factory):
     catalog = write_catalog(home / "catalog.yaml", mocks)
     port = free_port()
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(port),
-           "TREX_ADMIN_TOKEN": "op-token-e2e", "TREX_HAPROXY_PORTS_BASE": str(free_port())}
+           "TREX_ADMIN_TOKEN": "op-token-e2e", "TREX_HAPROXY_PORTS_BASE": str(free_port()),
+           "TREX_INGRESS_REPLICAS": "2"}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
     cli = [sys.executable, "-m", "trex_serve.cli"]
@@ -173,3 +174,20 @@ def test_request_id_appears_in_the_account_logs(gateway, client):
     row = next(r for r in rows if r["request_id"] == rid)
     assert row["provider"] == "alpha" and row["status"] == 200 and row["tokens_out"] > 0
     assert "log me" not in json.dumps(row)
+
+
+def _requests_total(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("trex_requests_total{"))
+
+
+def test_metrics_cover_every_ingress_replica(gateway, client):
+    http = httpx.Client(base_url=gateway["base"], timeout=10)
+    time.sleep(2.5)
+    before = _requests_total(http.get("/metrics").text)
+    for _ in range(12):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "m"}])
+    time.sleep(2.5)  # each replica publishes its snapshot every 2 s
+    text = http.get("/metrics").text
+    assert "trex_ingress_replicas 2.0" in text
+    assert _requests_total(text) - before == 12

@@ -80,7 +80,8 @@ async def gw(mocks, tmp_path, database_url, redis_url, key_prefix):
         return ("127.0.0.1", port)
 
     relay = HttpRelay(pick, "pool-secret")
-    pipeline = Pipeline(catalog, settings, runtime.gate, relay, Planner(), runtime.record)
+    planner = runtime.planner = Planner()
+    pipeline = Pipeline(catalog, settings, runtime.gate, relay, planner, runtime.record)
     admin_app = runtime.admin_app()
 
     async def pipeline_ref():
@@ -267,3 +268,14 @@ async def test_concurrency_slot_is_released_after_each_request(gw):
     assert (await chat(gw, key["key"])).status_code == 400
     assert (await chat(gw, key["key"])).status_code == 200
     assert await gw.runtime.counters.inflight(key["id"]) == 0
+
+
+async def test_metrics_count_requests_and_rejections(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    assert (await chat(gw, key["key"])).status_code == 200
+    assert (await chat(gw, "trex-unknown")).status_code == 401
+    text = (await gw.get("/metrics")).text
+    assert 'trex_requests_total{api="chat",model="gpt-4o-mini",provider="alpha",status="200"} 1.0' in text
+    assert 'trex_rejections_total{reason="invalid_api_key"} 1.0' in text
+    assert "trex_request_latency_seconds_bucket" in text
