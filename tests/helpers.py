@@ -66,6 +66,16 @@ providers:
     base_url: {a.url}/v1
     format: openai
     api_key_env: TREX_TEST_UNSET_PROVIDER_KEY
+  - name: claude
+    base_url: {a.url}/v1
+    format: anthropic
+    timeout_s: 2
+    first_byte_timeout_s: 1.5
+  - name: native
+    base_url: {b.url}/v1
+    format: openai
+    supports_responses: true
+    timeout_s: 2
 models:
   - id: gpt-4o-mini
     tier: standard
@@ -83,6 +93,15 @@ models:
   - id: byok-model
     candidates:
       - {{provider: byok, model: byok-upstream}}
+  - id: claude-sonnet
+    tier: standard
+    price: {{input_per_mtok: 3.0, output_per_mtok: 15.0}}
+    candidates:
+      - {{provider: claude, model: claude-sonnet-4-5}}
+      - {{provider: beta, model: beta-mini}}
+  - id: native-model
+    candidates:
+      - {{provider: native, model: native-upstream}}
   - id: reject-me
     candidates:
       - {{provider: alpha, model: reject-me}}

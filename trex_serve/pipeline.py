@@ -26,8 +26,9 @@ from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.records import RequestRecord
+from trex_serve.responses_api import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
 from trex_serve.routing import SMART_AUTO, Planner, Resolution, Target, resolve
-from trex_serve.schemas import ChatCompletionRequest, ModelCard, ModelList, parse_model
+from trex_serve.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.settings import Settings
 from trex_serve.tokens import estimate_messages, estimate_text
 
@@ -58,6 +59,8 @@ class Call:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     served: Target | None = None
     ttfb_ms: float | None = None
+    translate: bool = False
+    response_request: dict[str, Any] | None = None
 
     def headers(self) -> dict[str, str]:
         h = {"X-Trex-Request-Id": self.request_id, "X-Trex-Attempts": str(len(self.attempts))}
@@ -70,6 +73,16 @@ class Call:
             if self.ticket.downgraded:
                 h["X-Trex-Downgraded"] = "1"
         return h
+
+
+async def _translated(chunks: AsyncIterator[bytes], translator: ResponsesStream) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        out = translator.feed(chunk)
+        if out:
+            yield out
+    tail = translator.finish()
+    if tail:
+        yield tail
 
 
 def new_request_id() -> str:
@@ -126,15 +139,55 @@ class Pipeline:
                 payload["model"] = SMART_AUTO
             want_usage = bool((request.stream_options or {}).get("include_usage"))
             body = orjson.dumps(payload)
-            return await self._attempts(call, resolution, body, want_usage, upstream_key)
+            return await self._attempts(call, resolution, lambda _t: ("chat", body), want_usage, upstream_key)
+        except TrexError as exc:
+            await self._settle_failure(call)
+            return self._error(call, exc)
+
+    async def responses(self, raw: bytes, authorization: str | None, client_ip: str,
+                        upstream_key: str | None = None) -> Answer:
+        """OpenAI Responses API: passed through to providers that speak it, translated to chat
+        completions (and the answer back) for the others."""
+        call = Call(new_request_id(), "responses", client_ip)
+        try:
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("The request body is not valid JSON.") from None
+            request = parse_model(ResponsesRequest, payload)
+            call.model_requested, call.stream = request.model, request.stream
+            principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
+            resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
+            self.gate.check_model(principal, resolution)
+            try:
+                chat_payload = responses_to_chat(payload)
+            except ResponsesInputError as exc:
+                raise InvalidRequest(str(exc), param=exc.param) from None
+            prompt_tokens = estimate_messages(chat_payload["messages"])
+            ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses")
+            call.ticket, resolution = await self._admit(principal, ask, request)
+            native = dict(payload)
+            native.pop("trex", None)
+            chat_payload.pop("trex", None)
+            if call.ticket.downgraded:
+                native["model"] = chat_payload["model"] = SMART_AUTO
+            native_body, chat_body = orjson.dumps(native), orjson.dumps(chat_payload)
+
+            def body_for(target: Target) -> tuple[str, bytes]:
+                spec = self.catalog.provider(target.provider)
+                if spec is not None and spec.supports_responses:
+                    return "responses", native_body
+                return "chat", chat_body
+
+            call.response_request = payload
+            return await self._attempts(call, resolution, body_for, True, upstream_key)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
 
     # ---- admission ----------------------------------------------------------------------------
 
-    async def _admit(self, principal: Principal, ask: AdmitAsk,
-                     request: ChatCompletionRequest) -> tuple[Ticket, Resolution]:
+    async def _admit(self, principal: Principal, ask: AdmitAsk, request: Any) -> tuple[Ticket, Resolution]:
         try:
             return await self.gate.admit(principal, ask), ask.resolution
         except PaymentRequired as exc:
@@ -173,7 +226,8 @@ class Pipeline:
         p = self.catalog.provider(provider)
         return p is not None and (p.api_key_env is None or p.managed_key() is not None)
 
-    async def _attempts(self, call: Call, resolution: Resolution, body: bytes, want_usage: bool,
+    async def _attempts(self, call: Call, resolution: Resolution,
+                        body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool,
                         override: str | None) -> Answer:
         ordered = self.planner.order(resolution)
         targets = await self._keys(call, ordered, override)
@@ -183,7 +237,8 @@ class Pipeline:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, call.api,
+            api, body = body_for(target)
+            req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, api,
                                  call.stream, want_usage, body, key)
             t0 = time.monotonic()
             try:
@@ -197,6 +252,8 @@ class Pipeline:
             call.attempts.append(self._attempt(target, resp.status, error, t0))
             if resp.ok:
                 call.served = target
+                # A Responses request served over chat completions is translated back here.
+                call.translate = call.api == "responses" and api == "chat"
                 return await self._success(call, resp)
             last = resp
             if not resp.retryable:
@@ -237,8 +294,13 @@ class Pipeline:
             call.ttfb_ms = (time.monotonic() - call.started) * 1000
             usage = Usage.from_header(resp.headers.get(hop.H_USAGE)) or Usage(
                 call.ticket.tokens_estimate if call.ticket else 0, estimate_text(resp.body), True)
+            body = resp.body
+            if call.translate:
+                body = orjson.dumps(chat_to_response(body, call.response_request or {}))
             await self._settle(call, True, usage, 200, None)
-            return Answer(200, call.headers(), resp.body)
+            return Answer(200, call.headers(), body)
+        if call.translate:
+            resp.chunks = _translated(resp.chunks, ResponsesStream(call.response_request or {}))  # type: ignore[arg-type]
         return Answer(200, call.headers(), stream=self._relay(call, resp), media_type="text/event-stream")
 
     async def _relay(self, call: Call, resp: hop.HopResponse) -> AsyncIterator[bytes]:

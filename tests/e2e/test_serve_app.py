@@ -191,3 +191,54 @@ def test_metrics_cover_every_ingress_replica(gateway, client):
     text = http.get("/metrics").text
     assert "trex_ingress_replicas 2.0" in text
     assert _requests_total(text) - before == 12
+
+
+def test_responses_api_translated_to_chat(client):
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", input="hello responses",
+                                                    instructions="be brief")
+    response = raw.parse()
+    assert response.output_text.startswith("Hello from alpha")
+    assert response.usage.output_tokens > 0
+    assert raw.headers["x-trex-upstream-provider"] == "alpha"
+
+
+def test_responses_api_stream_typed_events(client):
+    kinds, text = [], ""
+    with client.responses.stream(model="gpt-4o-mini", input="stream responses") as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert text.startswith("Hello from alpha") and final.output_text == text
+
+
+def test_responses_api_native_passthrough(client):
+    response = client.responses.create(model="native-model", input="native please")
+    assert "responses" in response.output_text
+    stream = client.responses.create(model="native-model", input="native stream", stream=True)
+    assert [e.type for e in stream][-1] == "response.completed"
+
+
+def test_chat_through_anthropic_provider(client):
+    answer = client.chat.completions.create(model="claude-sonnet", messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi claude"}])
+    assert answer.choices[0].message.content.startswith("Hello from alpha")
+    assert answer.usage.prompt_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="claude-sonnet", stream=True, messages=[{"role": "user", "content": "stream claude"}]) if c.choices)
+    assert text.startswith("Hello from alpha")
+
+
+def test_anthropic_overload_falls_back_to_openai_provider(gateway, client):
+    gateway["mocks"]["alpha"].control(fail_next=1, error_status=529)
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-sonnet", messages=[{"role": "user", "content": "x"}])
+    assert raw.headers["x-trex-upstream-provider"] == "beta"
+    assert raw.headers["x-trex-attempts"] == "2"
+
+
+def test_responses_through_anthropic_provider(client):
+    response = client.responses.create(model="claude-sonnet", input="responses to claude")
+    assert response.output_text.startswith("Hello from alpha")

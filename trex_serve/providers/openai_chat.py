@@ -35,10 +35,12 @@ class OpenAIStream:
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict):
-                    usage = Usage.from_openai(obj.get("usage"))
+                    # A native Responses stream reports usage inside its response.completed event.
+                    nested = obj.get("response") if obj.get("type") == "response.completed" else None
+                    usage = Usage.from_openai(obj.get("usage") or (nested or {}).get("usage"))
                     if usage is not None:
                         self.usage = usage
-                        if not self.want_usage:
+                        if not self.want_usage and nested is None:
                             if not obj.get("choices"):
                                 continue  # the usage-only chunk we asked for on the client's behalf
                             obj.pop("usage", None)
