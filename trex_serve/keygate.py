@@ -14,6 +14,7 @@ from typing import Any
 
 from trex_serve import billing
 from trex_serve.catalog import Catalog, Plan
+from trex_serve.client_ip import parse_networks
 from trex_serve.counters import AdmitRequest, CounterStore, SettleRequest
 from trex_serve.errors import (
     AuthError,
@@ -54,6 +55,7 @@ class KeyGate:
         self.risk_event = risk_event or (lambda _row: None)
         self._cache: dict[str, tuple[KeyContext, float]] = {}
         self._secrets: dict[tuple[str, str, str], str | None] = {}
+        self._parsed_risk: dict[int, tuple[KeyContext, RiskSettings | None, RiskSettings | None]] = {}
         self.suspensions = 0
 
     # ---- cache and invalidation ----------------------------------------------------------------
@@ -121,15 +123,25 @@ class KeyGate:
                          frozenset(ctx.models) if ctx.models is not None else None,
                          ctx.billing_policy, ctx.log_content, ctx)
 
-    @staticmethod
-    def _risks(ctx: KeyContext) -> list[RiskSettings]:
-        return [RiskSettings.model_validate(r) for r in (ctx.risk, ctx.account_risk) if r]
+    def _risk_pair(self, ctx: KeyContext) -> tuple[RiskSettings | None, RiskSettings | None]:
+        """Parsed once per cached key snapshot: validation is not free on the hot path."""
+        cached = self._parsed_risk.get(id(ctx))
+        if cached is None or cached[0] is not ctx:
+            key = RiskSettings.model_validate(ctx.risk) if ctx.risk else None
+            acc = RiskSettings.model_validate(ctx.account_risk) if ctx.account_risk else None
+            if len(self._parsed_risk) > 100_000:
+                self._parsed_risk.clear()
+            cached = self._parsed_risk[id(ctx)] = (ctx, key, acc)
+        return cached[1], cached[2]
+
+    def _risks(self, ctx: KeyContext) -> list[RiskSettings]:
+        return [r for r in self._risk_pair(ctx) if r is not None]
 
     def _check_ip(self, ctx: KeyContext, client_ip: str) -> None:
         for risk in self._risks(ctx):
-            nets = risk.networks()
-            if nets is None:
+            if risk.allowed_ips is None:
                 continue
+            nets = parse_networks(tuple(risk.allowed_ips))
             try:
                 ip = ipaddress.ip_address(client_ip)
             except ValueError:
@@ -196,8 +208,7 @@ class KeyGate:
         reserve = max(billing.reserve_micro(ask.prompt_tokens, out_tokens, p.input_per_mtok, p.output_per_mtok,
                                             context_window=model.context_window) for p in prices)
         limits = ctx.limits or {}
-        key_risk = RiskSettings.model_validate(ctx.risk) if ctx.risk else None
-        acc_risk = RiskSettings.model_validate(ctx.account_risk) if ctx.account_risk else None
+        key_risk, acc_risk = self._risk_pair(ctx)
 
         def cap(r: RiskSettings | None, field: str) -> int | None:
             value = getattr(r, field) if r else None

@@ -1,0 +1,170 @@
+"""Side-by-side throughput and latency, in one run on this machine, against one fast mock upstream:
+the upstream directly (the limit) and Trex Serve's full path (auth, admission, routing, one relay
+hop, settlement, log), non-streaming and streaming, at 1 and 32 connections; optionally the same
+gateway with every risk control enabled on the key, and LiteLLM's proxy when it is installed.
+
+    .venv/bin/python scripts/bench_gateway.py [--duration 10] [--risk] [--litellm]
+
+Needs `wrk` (Debian package `wrk`). Prints a table and the ratios; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trex_serve.embedded import free_port, port_open  # noqa: E402
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
+
+
+def wrk(url: str, connections: int, duration: int, body: dict, key: str | None) -> dict:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if key:
+        headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    script.write(f'wrk.method = "POST"\nwrk.body = [[{json.dumps(body)}]]\n{headers}')
+    script.close()
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name, url],
+                         capture_output=True, text=True).stdout
+    os.unlink(script.name)
+
+    def ms(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50": ms("50"), "p99": ms("99"),
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors.group(1) if errors else ""}
+
+
+def start_mock(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(port), "--name", "bench"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not port_open("127.0.0.1", port):
+        time.sleep(0.05)
+    return proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--risk", action="store_true", help="also run with every risk control enabled on the key")
+    ap.add_argument("--litellm", action="store_true", help="also run LiteLLM's proxy (pip install 'litellm[proxy]')")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is required: apt-get install wrk")
+    home = Path(tempfile.mkdtemp(prefix="trex-bench-"))
+    mock_port, http_port = free_port(), free_port()
+    mock = start_mock(mock_port)
+    catalog = home / "catalog.yaml"
+    catalog.write_text(f"""
+providers:
+  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, timeout_s: 30,
+     pool: {{min_replicas: 1, max_replicas: 1}}}}
+models:
+  - id: gpt-4o-mini
+    candidates: [{{provider: bench, model: gpt-4o-mini}}]
+smart_auto: [gpt-4o-mini]
+plans:
+  - {{name: bench, rpm: 100000000, tpm: 10000000000, concurrency: 100000, burst_concurrency: 100000,
+     daily_quota: {{}}, premium: true}}
+""")
+    env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
+           "TREX_ADMIN_TOKEN": "bench", "TREX_HAPROXY_PORTS_BASE": str(free_port())}
+    cli = [sys.executable, "-m", "trex_serve.cli"]
+    results: dict[str, dict] = {}
+    try:
+        up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
+                            capture_output=True, text=True)
+        if up.returncode != 0:
+            sys.exit(up.stdout + up.stderr)
+        base = f"http://127.0.0.1:{http_port}"
+        admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": "Bearer bench"}, timeout=30)
+        acc = admin.post("/accounts", json={"name": "bench", "plan": "bench"}).json()
+        key = admin.post(f"/accounts/{acc['id']}/keys", json={"name": "bench"}).json()["key"]
+        risky = None
+        if args.risk:
+            risky = admin.post(f"/accounts/{acc['id']}/keys", json={"name": "risky", "risk": {
+                "allowed_ips": ["127.0.0.0/8", "::1/128"], "daily_spend_cap": 1e6, "monthly_spend_cap": 1e7,
+                "max_output_tokens": 4096, "max_prompt_tokens": 100000,
+                "velocity": {"window_s": 60, "max_credits": 1e6}}}).json()["key"]
+        for _ in range(50):  # warm every connection pool on the path
+            httpx.post(f"{base}/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"})
+        stream_body = {**BODY, "stream": True}
+        for c in (1, 32):
+            results[f"upstream direct, c={c}"] = wrk(f"http://127.0.0.1:{mock_port}/v1/chat/completions", c,
+                                                     args.duration, BODY, None)
+            results[f"gateway non-stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration, BODY, key)
+            results[f"gateway stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration, stream_body, key)
+            if risky:
+                results[f"gateway non-stream, all risk controls, c={c}"] = wrk(
+                    f"{base}/v1/chat/completions", c, args.duration, BODY, risky)
+    finally:
+        subprocess.run([*cli, "down"], env=env, capture_output=True)
+        mock.kill()
+    if args.litellm:
+        results.update(run_litellm(mock_port, args.duration))
+    print(f"\n{'path':52} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for name, r in results.items():
+        print(f"{name:52} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['non2xx']:8d} {r['socket_errors']}")
+    for c in (1, 32):
+        direct, gw = results[f"upstream direct, c={c}"], results[f"gateway non-stream, c={c}"]
+        print(f"c={c}: gateway/upstream throughput {gw['rps'] / max(direct['rps'], 1):.3f}, "
+              f"added p50 {gw['p50'] - direct['p50']:.2f} ms")
+        if f"gateway non-stream, all risk controls, c={c}" in results:
+            risk = results[f"gateway non-stream, all risk controls, c={c}"]
+            print(f"c={c}: risk controls cost {100 * (1 - risk['rps'] / max(gw['rps'], 1)):.1f}% of throughput")
+        if f"litellm proxy, c={c}" in results:
+            litellm = results[f"litellm proxy, c={c}"]
+            print(f"c={c}: gateway/LiteLLM throughput {gw['rps'] / max(litellm['rps'], 1):.2f}")
+    return 0
+
+
+def run_litellm(mock_port: int, duration: int) -> dict[str, dict]:
+    if not shutil.which("litellm"):
+        print("LiteLLM is not installed (pip install 'litellm[proxy]'): skipped")
+        return {}
+    home = Path(tempfile.mkdtemp(prefix="litellm-bench-"))
+    cfg = home / "config.yaml"
+    cfg.write_text(f"""
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "http://127.0.0.1:{mock_port}/v1", api_key: sk-x}}
+general_settings: {{master_key: sk-bench}}
+""")
+    port = free_port()
+    mock = start_mock(mock_port)
+    proc = subprocess.Popen(["litellm", "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not port_open("127.0.0.1", port) and time.time() < deadline:
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        for _ in range(20):
+            httpx.post(url, json=BODY, headers={"Authorization": "Bearer sk-bench"}, timeout=30)
+        return {f"litellm proxy, c={c}": wrk(url, c, duration, BODY, "sk-bench") for c in (1, 32)}
+    finally:
+        proc.kill()
+        mock.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
