@@ -151,7 +151,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
                f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
-    (home / "gateway.json").write_text(json.dumps({"http_port": http_port, "ray_port": args.ray_port}))
+    (home / "gateway.json").write_text(json.dumps({"http_port": http_port, "ray_port": args.ray_port,
+                                                   "redis_url": env["TREX_REDIS_URL"],
+                                                   "database_url": env["TREX_DATABASE_URL"]}))
     _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
     done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -261,6 +263,18 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from trex_serve.reconcile import run
+
+    home = state_dir()
+    saved = json.loads((home / "gateway.json").read_text()) if (home / "gateway.json").exists() else {}
+    database_url = os.environ.get("TREX_DATABASE_URL") or saved.get("database_url", "")
+    redis_url = os.environ.get("TREX_REDIS_URL") or saved.get("redis_url", "")
+    if not redis_url:
+        raise SystemExit("set TREX_REDIS_URL (or run from the TREX_HOME of a `trex-serve up` gateway)")
+    return run(database_url, redis_url, os.environ.get("TREX_SECRET_KEY", ""), args.fix)
+
+
 def cmd_mock(args: argparse.Namespace) -> int:
     from trex_serve.mock_upstream import serve_forever
     serve_forever(args.port, args.name, args.host)
@@ -280,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(fn=cmd_up)
     down = sub.add_parser("down", help="stop what `up` started")
     down.set_defaults(fn=cmd_down)
+    billing = sub.add_parser("billing", help="billing maintenance").add_subparsers(dest="billing_cmd", required=True)
+    rec = billing.add_parser("reconcile", help="check that the SQL ledger and the Redis balances agree")
+    rec.add_argument("--fix", action="store_true", help="reset Redis balances from the ledger")
+    rec.set_defaults(fn=cmd_reconcile)
     mock = sub.add_parser("mock-upstream", help="run the fault-injectable mock upstream")
     mock.add_argument("--port", type=int, default=9201)
     mock.add_argument("--host", default="127.0.0.1")

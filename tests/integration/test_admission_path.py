@@ -279,3 +279,33 @@ async def test_metrics_count_requests_and_rejections(gw):
     assert 'trex_requests_total{api="chat",model="gpt-4o-mini",provider="alpha",status="200"} 1.0' in text
     assert 'trex_rejections_total{reason="invalid_api_key"} 1.0' in text
     assert "trex_request_latency_seconds_bucket" in text
+
+
+async def test_ledger_reconciles_and_redis_loss_rebuilds_balances(gw, database_url, redis_url):
+    from trex_serve.reconcile import reconcile
+
+    acc = await account(gw, credits=2)
+    key = await new_key(gw, acc)
+    for _ in range(3):
+        assert (await chat(gw, key["key"], model="big-model")).status_code == 200
+    gw.mocks["alpha"].control(fail_next=1, error_status=503)  # a fallback: billed once, for beta's answer
+    assert (await chat(gw, key["key"], model="big-model")).headers["x-trex-attempts"] == "2"
+    await gw.runtime.ledger.flush_once()
+    totals = gw.runtime.repo.ledger_totals(acc["id"])
+    assert len([r for r in gw.runtime.repo.list_ledger(acc["id"]) if r["kind"] == "charge"]) == 4
+    counters = gw.runtime.counters
+    report = await reconcile(database_url, redis_url, "x", prefix=counters.prefix)
+    assert report["mismatched"] == 0 and report["accounts"] >= 1
+    live = await counters.get_balance(acc["id"])
+    assert live == totals["balance"]
+    # Redis loses the balance (restart without persistence): rebuilt from the ledger on next use.
+    await counters.drop_balance(acc["id"])
+    assert (await chat(gw, key["key"], model="big-model")).status_code == 200
+    await gw.runtime.ledger.flush_once()
+    assert await counters.get_balance(acc["id"]) == gw.runtime.repo.ledger_totals(acc["id"])["balance"]
+    # A drifted copy is reported, and --fix puts the ledger's figure back.
+    await counters.grant(acc["id"], 123)
+    drifted = await reconcile(database_url, redis_url, "x", prefix=counters.prefix)
+    assert drifted["mismatched"] == 1 and drifted["rows"][0]["difference_micro"] == 123
+    await reconcile(database_url, redis_url, "x", fix=True, prefix=counters.prefix)
+    assert (await reconcile(database_url, redis_url, "x", prefix=counters.prefix))["mismatched"] == 0

@@ -1,0 +1,43 @@
+"""`trex-serve billing reconcile`: the SQL ledger is the record, Redis holds the fast copy of each
+balance. At rest (nothing in flight) they must agree exactly; this reports every difference and,
+with --fix, resets Redis from the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from trex_serve.counters import CounterStore
+from trex_serve.store.database import create_engine
+from trex_serve.store.repository import Repository
+
+
+async def reconcile(database_url: str, redis_url: str, secret_key: str, fix: bool = False,
+                    prefix: str = "trex:") -> dict[str, Any]:
+    engine = create_engine(database_url or None)
+    repo = Repository(engine, secret_key or "unused-for-reconcile")
+    counters = CounterStore.from_url(redis_url, prefix=prefix)
+    try:
+        ledger = await asyncio.to_thread(repo.all_balances)
+        rows = []
+        for account_id, booked in sorted(ledger.items()):
+            live = await counters.get_balance(account_id)
+            row = {"account_id": account_id, "ledger_micro": booked, "redis_micro": live,
+                   "difference_micro": None if live is None else live - booked}
+            if fix and live != booked:
+                await counters.set_balance(account_id, booked)
+                row["fixed"] = True
+            rows.append(row)
+        mismatched = [r for r in rows if r["difference_micro"] not in (0, None)]
+        return {"accounts": len(rows), "mismatched": len(mismatched), "not_loaded": sum(
+            1 for r in rows if r["redis_micro"] is None), "rows": mismatched if mismatched else rows[:20]}
+    finally:
+        await counters.aclose()
+        engine.dispose()
+
+
+def run(database_url: str, redis_url: str, secret_key: str, fix: bool) -> int:
+    report = asyncio.run(reconcile(database_url, redis_url, secret_key, fix))
+    print(json.dumps(report, indent=2, default=str))
+    return 1 if report["mismatched"] and not fix else 0
