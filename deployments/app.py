@@ -48,7 +48,7 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
         # One secret per deployment: only our ingress replicas may call the pools' ports.
         "pool_secret": args.pool_secret or env.pool_secret or secrets.token_urlsafe(32),
     }
-    router = Router.bind()
+    router = Router.bind(catalog.health.model_dump())
     pools = {}
     for provider in catalog.providers:
         sizing = provider.pool

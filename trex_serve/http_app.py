@@ -105,7 +105,9 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
 
     def ip(request: Request, settings: Settings) -> str:
         peer = request.client.host if request.client else None
-        return client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+        # Several proxies may each add their own header line: read them as one list, in order.
+        forwarded = ", ".join(request.headers.getlist("x-forwarded-for")) or None
+        return client_address(peer, forwarded, settings.trusted_proxies)
 
     install_error_handlers(app)
 

@@ -240,7 +240,7 @@ class KeyGate:
         headers = result.rate_limit_headers()
         if not result.ok:
             self._refuse(result, ctx, headers)
-        return Ticket(principal, result.billing or req.billing, ask.request_id, req.tokens_estimate,
+        return Ticket(principal, result.billing or req.billing, ask.request_id, ask.prompt_tokens,
                       result.reserved_micro, result.lease_id, headers,
                       state={"velocity": key_risk.velocity if key_risk else None, "slot": result.slot})
 

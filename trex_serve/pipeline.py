@@ -4,6 +4,7 @@ fallback → relay the answer → settle → record. Collaborators arrive as arg
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,9 +31,10 @@ from trex_serve.responses_api import ResponsesInputError, ResponsesStream, chat_
 from trex_serve.routing import SMART_AUTO, Planner, Resolution, Target, resolve
 from trex_serve.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.settings import Settings
-from trex_serve.tokens import estimate_messages, estimate_text
+from trex_serve.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
 
 JSON = "application/json"
+log = logging.getLogger("trex.pipeline")
 
 
 @dataclass
@@ -143,6 +145,14 @@ class Pipeline:
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
+        except Exception:
+            return await self._internal_error(call)
+
+    async def _internal_error(self, call: Call) -> Answer:
+        """A bug or an unexpected failure still releases what was admitted and answers the envelope."""
+        log.exception("request %s failed unexpectedly", call.request_id)
+        await self._settle_failure(call)
+        return self._error(call, TrexError("The gateway hit an internal error.", status=500))
 
     async def responses(self, raw: bytes, authorization: str | None, client_ip: str,
                         upstream_key: str | None = None) -> Answer:
@@ -184,6 +194,8 @@ class Pipeline:
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
+        except Exception:
+            return await self._internal_error(call)
 
     # ---- admission ----------------------------------------------------------------------------
 
@@ -293,7 +305,7 @@ class Pipeline:
         if resp.chunks is None:
             call.ttfb_ms = (time.monotonic() - call.started) * 1000
             usage = Usage.from_header(resp.headers.get(hop.H_USAGE)) or Usage(
-                call.ticket.tokens_estimate if call.ticket else 0, estimate_text(resp.body), True)
+                call.ticket.prompt_estimate if call.ticket else 0, estimate_text(resp.body), True)
             body = resp.body
             if call.translate:
                 body = orjson.dumps(chat_to_response(body, call.response_request or {}))
@@ -323,8 +335,8 @@ class Pipeline:
                 usage = Usage(*parsed)
             else:
                 # Cut short (client gone or pool lost): bill what was delivered, by a count.
-                prompt = call.ticket.tokens_estimate if call.ticket else 0
-                usage = Usage(prompt, estimate_text(b"x" * (delivered // 2)), True)
+                prompt = call.ticket.prompt_estimate if call.ticket else 0
+                usage = Usage(prompt, delivered // 2 // CHARS_PER_TOKEN, True)
             status = 200 if completed else 499
             # Shielded: a client disconnect cancels this generator, settlement must still land.
             await asyncio.shield(self._settle(call, True, usage, status, None if completed else "client_closed"))

@@ -52,13 +52,17 @@ class HttpRelay:
         tried: set[tuple[str, int]] = set()
         last: Exception | None = None
         for _ in range(self.replica_tries):
-            host, port = await self.pick(req.provider, tried)
+            try:
+                host, port = await self.pick(req.provider, tried)
+            except Exception as exc:  # the pool deployment itself is unavailable (restarting, gone)
+                last = exc
+                continue
             tried.add((host, port))
             try:
                 resp = await self._client().post(f"http://{host}:{port}/relay", data=req.body,
                                                  headers=headers)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                    ConnectionResetError) as exc:
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                # The replica died or went away before answering: another replica may serve it.
                 last = exc
                 continue
             return await self._wrap(resp, req.stream)

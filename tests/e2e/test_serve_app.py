@@ -34,7 +34,9 @@ def gateway(tmp_path_factory):
     ray_port = str(free_port())
     up = subprocess.run([*cli, "up", "--detach", "--ray-port", ray_port, "--num-cpus", "2"], env=env,
                         capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    if up.returncode != 0:
+        subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
+        pytest.fail(up.stdout[-3000:] + up.stderr[-3000:])
     base = f"http://127.0.0.1:{port}"
     admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": "Bearer op-token-e2e"}, timeout=30)
     account = admin.post("/accounts", json={"name": "e2e", "plan": "free"}).json()
@@ -242,3 +244,17 @@ def test_anthropic_overload_falls_back_to_openai_provider(gateway, client):
 def test_responses_through_anthropic_provider(client):
     response = client.responses.create(model="claude-sonnet", input="responses to claude")
     assert response.output_text.startswith("Hello from alpha")
+
+
+def test_client_address_comes_from_the_front_proxy_not_the_client(gateway):
+    admin, acc = gateway["admin"], gateway["account"]["id"]
+    local = admin.post(f"/accounts/{acc}/keys", json={"risk": {"allowed_ips": ["127.0.0.0/8", "::1/128"]}}).json()
+    remote = admin.post(f"/accounts/{acc}/keys", json={"risk": {"allowed_ips": ["203.0.113.0/24"]}}).json()
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    with httpx.Client(base_url=gateway["base"], timeout=30) as http:
+        ok = http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {local['key']}", **spoof})
+        assert ok.status_code == 200
+        refused = http.post("/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {remote['key']}", **spoof})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "ip_not_allowed"
