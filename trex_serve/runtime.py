@@ -136,4 +136,9 @@ class Runtime:
         app.include_router(build_admin_router(
             self.repo, self.settings.admin_token, self._on_change, usage_extra=self._usage,
             on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))
+        from trex_serve.account_api import build_account_router
+        from trex_serve.dashboard import build_dashboard_router
+
+        app.include_router(build_account_router(self))
+        app.include_router(build_dashboard_router())
         return app

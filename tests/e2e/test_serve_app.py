@@ -26,7 +26,7 @@ def gateway(tmp_path_factory):
     catalog = write_catalog(home / "catalog.yaml", mocks)
     port = free_port()
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(port),
-           "TREX_ADMIN_TOKEN": "op-token-e2e", "TREX_HAPROXY_PORTS_BASE": str(free_port()),
+           "TREX_ADMIN_TOKEN": "op-token-e2e",
            "TREX_INGRESS_REPLICAS": "2"}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
