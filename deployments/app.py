@@ -4,6 +4,7 @@ Used by `serve deploy config/serve.yaml` (import path deployments.app:build_app)
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from typing import Any
@@ -35,6 +36,9 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
     raw = dict(raw_args or {})
     if "ingress_replicas" not in raw and os.environ.get("TREX_INGRESS_REPLICAS"):
         raw["ingress_replicas"] = int(os.environ["TREX_INGRESS_REPLICAS"])
+    if "pool_autoscaling" not in raw and os.environ.get("TREX_POOL_AUTOSCALING"):
+        # JSON: {"provider": {autoscaling_config overrides}}, for `trex-serve up` without a serve.yaml.
+        raw["pool_autoscaling"] = json.loads(os.environ["TREX_POOL_AUTOSCALING"])
     args = AppArgs.model_validate(raw)
     env = Settings.from_env()
     catalog_path = args.catalog_path or env.catalog_path

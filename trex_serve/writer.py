@@ -27,6 +27,9 @@ class BatchWriter:
         self.failures = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # One flush at a time: a caller's flush_once waits for a batch the background task has
+        # already taken, so "flushed" means written.
+        self._flushing = asyncio.Lock()
 
     def put(self, row: dict[str, Any]) -> bool:
         if len(self._buf) >= self.max_buffer:
@@ -58,6 +61,10 @@ class BatchWriter:
 
     async def flush_once(self) -> bool:
         """Write what is buffered; on failure the rows go back to the front and wait."""
+        async with self._flushing:
+            return await self._flush_buffered()
+
+    async def _flush_buffered(self) -> bool:
         while self._buf:
             batch = [self._buf.popleft() for _ in range(min(self.batch_size, len(self._buf)))]
             try:
