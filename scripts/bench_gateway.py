@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--risk", action="store_true", help="also run with every risk control enabled on the key")
     ap.add_argument("--litellm", action="store_true", help="also run LiteLLM's proxy (pip install 'litellm[proxy]')")
+    ap.add_argument("--litellm-bin", default=shutil.which("litellm") or "litellm",
+                    help="the litellm executable (e.g. from a separate venv, its pins clash with ours)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
@@ -120,7 +122,7 @@ plans:
         subprocess.run([*cli, "down"], env=env, capture_output=True)
         mock.kill()
     if args.litellm:
-        results.update(run_litellm(mock_port, args.duration))
+        results.update(run_litellm(args.litellm_bin, mock_port, args.duration))
     print(f"\n{'path':52} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in results.items():
         print(f"{name:52} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['non2xx']:8d} {r['socket_errors']}")
@@ -137,8 +139,8 @@ plans:
     return 0
 
 
-def run_litellm(mock_port: int, duration: int) -> dict[str, dict]:
-    if not shutil.which("litellm"):
+def run_litellm(binary: str, mock_port: int, duration: int) -> dict[str, dict]:
+    if not shutil.which(binary):
         print("LiteLLM is not installed (pip install 'litellm[proxy]'): skipped")
         return {}
     home = Path(tempfile.mkdtemp(prefix="litellm-bench-"))
@@ -151,7 +153,7 @@ general_settings: {{master_key: sk-bench}}
 """)
     port = free_port()
     mock = start_mock(mock_port)
-    proc = subprocess.Popen(["litellm", "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
+    proc = subprocess.Popen([binary, "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

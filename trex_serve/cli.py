@@ -63,6 +63,8 @@ defaults
     timeout client 900s
     timeout server 900s
     timeout http-keep-alive 60s
+    # Relay each SSE chunk as it comes instead of coalescing for up to 200 ms.
+    option http-no-delay
 frontend public
     bind 0.0.0.0:{public}
     # The client's own X-Forwarded-For is never believed: drop it, then add the real peer.
