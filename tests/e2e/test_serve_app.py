@@ -258,3 +258,54 @@ def test_client_address_comes_from_the_front_proxy_not_the_client(gateway):
         refused = http.post("/v1/chat/completions", json=body,
                             headers={"Authorization": f"Bearer {remote['key']}", **spoof})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "ip_not_allowed"
+
+
+def test_spend_cap_exact_across_two_ingress_replicas(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "capped", "plan": "free"}).json()
+    admin.post(f"/accounts/{acc['id']}/credits", json={"amount": 10, "reason": "cap test"})
+    key = admin.post(f"/accounts/{acc['id']}/keys", json={"risk": {"daily_spend_cap": 0.006}}).json()
+    body = {"model": "big-model", "max_tokens": 64, "messages": [{"role": "user", "content": "spend"}]}
+
+    def call(_i: int) -> httpx.Response:
+        return httpx.post(f"{gateway['base']}/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key['key']}"})
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(call, range(24)))
+    ok = [r for r in answers if r.status_code == 200]
+    capped = [r for r in answers if r.status_code == 402]
+    assert ok and capped and len(ok) + len(capped) == 24
+    assert {r.json()["error"]["code"] for r in capped} == {"spend_limit_exceeded"}
+    expected = sum(r.json()["usage"]["prompt_tokens"] * 5 + r.json()["usage"]["completion_tokens"] * 15 for r in ok)
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        charged = admin.get(f"/accounts/{acc['id']}/usage").json()["credits"]["charged_micro"]
+        if charged == expected:
+            break
+        time.sleep(0.2)
+    assert charged == expected <= 6000
+
+
+def test_velocity_guard_suspends_on_every_replica(gateway):
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "leaky", "plan": "free"}).json()
+    admin.post(f"/accounts/{acc['id']}/credits", json={"amount": 10, "reason": "velocity test"})
+    key = admin.post(f"/accounts/{acc['id']}/keys",
+                     json={"risk": {"velocity": {"window_s": 60, "max_credits": 0.0005}}}).json()
+    c = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=key["key"], max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        for _ in range(20):
+            c.chat.completions.create(model="big-model", max_tokens=16, messages=[{"role": "user", "content": "v"}])
+    time.sleep(1.0)
+    for _ in range(6):  # HAProxy spreads these over both ingress replicas
+        with pytest.raises(openai.AuthenticationError) as err:
+            c.models.list()
+        assert err.value.body["code"] == "api_key_suspended"
+    events = admin.get(f"/accounts/{acc['id']}/risk-events").json()["data"]
+    assert any(e["kind"] == "auto_suspended" for e in events)
+    assert admin.patch(f"/keys/{key['id']}", json={"state": "active", "risk": None}).status_code == 200
+    time.sleep(1.0)
+    assert c.models.list()
