@@ -4,9 +4,12 @@ Used by `serve deploy config/serve.yaml` (import path deployments.app:build_app)
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +35,12 @@ class AppArgs(BaseModel):
     pool_autoscaling: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+def _derived_pool_secret(secret_key: str) -> str:
+    if not secret_key:
+        return secrets.token_urlsafe(32)
+    return hmac.new(secret_key.encode(), b"trex-pool-hop", hashlib.sha256).hexdigest()
+
+
 def build_app(raw_args: dict[str, Any] | None = None) -> Application:
     raw = dict(raw_args or {})
     if "ingress_replicas" not in raw and os.environ.get("TREX_INGRESS_REPLICAS"):
@@ -45,12 +54,16 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
     catalog = load_catalog(catalog_path)
     resolved = {
         "catalog_path": catalog_path,
+        # The catalog's content is part of the deployment's arguments, so deploying a changed
+        # catalog rolls the replicas over even when its path is the same.
+        "catalog_sha": hashlib.sha256(Path(catalog_path).read_bytes()).hexdigest()[:16],
         "database_url": args.database_url or env.database_url,
         "redis_url": args.redis_url or env.redis_url,
         "admin_token": args.admin_token or env.admin_token,
         "secret_key": args.secret_key or env.secret_key,
-        # One secret per deployment: only our ingress replicas may call the pools' ports.
-        "pool_secret": args.pool_secret or env.pool_secret or secrets.token_urlsafe(32),
+        # Only our ingress replicas may call the pools' ports. Derived from the stable secret key so a
+        # redeploy (old ingress replicas meeting new pool replicas mid-rollout) keeps one secret.
+        "pool_secret": args.pool_secret or env.pool_secret or _derived_pool_secret(args.secret_key or env.secret_key),
     }
     router = Router.bind(catalog.health.model_dump())
     pools = {}
@@ -66,9 +79,10 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
             **args.pool_autoscaling.get(provider.name, {}),
         }
         pools[provider.name] = ProviderPool.options(
-            name=f"pool-{provider.name}", autoscaling_config=autoscaling,
-        ).bind(provider.name, catalog_path, resolved["pool_secret"], router)
-    return Ingress.options(num_replicas=args.ingress_replicas).bind(resolved, pools, router)
+            name=f"pool-{provider.name}", autoscaling_config=autoscaling, graceful_shutdown_timeout_s=60,
+        ).bind(provider.name, catalog_path, resolved["pool_secret"], router, catalog_sha=resolved["catalog_sha"])
+    return Ingress.options(num_replicas=args.ingress_replicas, graceful_shutdown_timeout_s=60).bind(
+        resolved, pools, router)
 
 
 app = build_app

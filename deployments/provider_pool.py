@@ -31,7 +31,7 @@ def inflight_policy(ctx) -> tuple[float, dict]:
 @serve.deployment(max_ongoing_requests=100000, ray_actor_options={"num_cpus": 0})
 class ProviderPool:
     async def __init__(self, provider: str, catalog_path: str, secret: str, router: DeploymentHandle,
-                   report_interval_s: float = 0.25) -> None:
+                       report_interval_s: float = 0.25, catalog_sha: str = "") -> None:
         catalog = load_catalog(catalog_path)
         spec = catalog.provider(provider)
         if spec is None:
@@ -71,5 +71,6 @@ class ProviderPool:
             raise RuntimeError("pool server is not running")
 
     async def __del__(self) -> None:
+        # Serve does not see relayed requests: finish the ones in flight before going away.
+        await self.server.stop(drain_s=55)
         self._reporter.cancel()
-        await self.server.stop()

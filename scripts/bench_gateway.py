@@ -65,6 +65,8 @@ def start_mock(port: int) -> subprocess.Popen:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--risk", action="store_true", help="also run with every risk control enabled on the key")
     ap.add_argument("--litellm", action="store_true", help="also run LiteLLM's proxy (pip install 'litellm[proxy]')")
     ap.add_argument("--litellm-bin", default=shutil.which("litellm") or "litellm",
@@ -89,7 +91,7 @@ plans:
      daily_quota: {{}}, premium: true}}
 """)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
-           "TREX_ADMIN_TOKEN": "bench"}
+           "TREX_ADMIN_TOKEN": "bench", "TREX_INGRESS_REPLICAS": str(args.ingress_replicas)}
     cli = [sys.executable, "-m", "trex_serve.cli"]
     results: dict[str, dict] = {}
     try:
@@ -114,7 +116,9 @@ plans:
             results[f"upstream direct, c={c}"] = wrk(f"http://127.0.0.1:{mock_port}/v1/chat/completions", c,
                                                      args.duration, BODY, None)
             results[f"gateway non-stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration, BODY, key)
-            results[f"gateway stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration, stream_body, key)
+            if not args.skip_stream:
+                results[f"gateway stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration,
+                                                        stream_body, key)
             if risky:
                 results[f"gateway non-stream, all risk controls, c={c}"] = wrk(
                     f"{base}/v1/chat/completions", c, args.duration, BODY, risky)

@@ -212,6 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
     (home / "gateway.json").write_text(json.dumps({"http_port": serve_port, "ray_port": args.ray_port,
                                                    "redis_url": env["TREX_REDIS_URL"],
+                                                   "catalog": env["TREX_CATALOG"],
                                                    "database_url": env["TREX_DATABASE_URL"]}))
     _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
     done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
@@ -324,6 +325,31 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redeploy(args: argparse.Namespace) -> int:
+    """Deploy the app again onto this TREX_HOME's running cluster (a changed catalog, replica counts,
+    autoscaling): Serve rolls the replicas over while requests in flight finish."""
+    home = state_dir()
+    path = home / "gateway.json"
+    if not path.exists():
+        raise SystemExit(f"no gateway started from {home}: run `trex-serve up` first")
+    saved = json.loads(path.read_text())
+    env = dict(os.environ)
+    env.setdefault("TREX_CATALOG", saved["catalog"])
+    env.setdefault("TREX_REDIS_URL", saved["redis_url"])
+    env.setdefault("TREX_DATABASE_URL", saved["database_url"])
+    for var, name in (("TREX_ADMIN_TOKEN", "admin_token"), ("TREX_SECRET_KEY", "secret_key")):
+        if not env.get(var):
+            # Never invent a new one here: a different secret key would make stored bindings unreadable.
+            if not (home / name).exists():
+                raise SystemExit(f"set {var} to the value the gateway was started with")
+            env[var] = (home / name).read_text().strip()
+    done = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(saved["http_port"]),
+                           str(saved["ray_port"])], env={**env, **RAY_THROUGHPUT_ENV}, cwd=str(REPO_DIR))
+    if done.returncode == 0:
+        _say("redeployed")
+    return done.returncode
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from trex_serve.reconcile import run
 
@@ -357,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="HAProxy's metrics and stats ports (base, base+1); default: free ports")
     up.add_argument("--num-cpus", type=int, default=int(os.environ.get("TREX_RAY_CPUS", "4")))
     up.set_defaults(fn=cmd_up)
+    redeploy = sub.add_parser("redeploy", help="deploy again onto the running gateway (changed catalog, ...)")
+    redeploy.set_defaults(fn=cmd_redeploy)
     down = sub.add_parser("down", help="stop what `up` started")
     down.set_defaults(fn=cmd_down)
     billing = sub.add_parser("billing", help="billing maintenance").add_subparsers(dest="billing_cmd", required=True)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -42,7 +43,7 @@ def gateway(tmp_path_factory):
     account = admin.post("/accounts", json={"name": "e2e", "plan": "free"}).json()
     key = admin.post(f"/accounts/{account['id']}/keys", json={"name": "main"}).json()
     admin.post(f"/accounts/{account['id']}/credits", json={"amount": 5, "reason": "e2e"})
-    yield {"base": base, "admin": admin, "account": account, "key": key["key"], "mocks": mocks}
+    yield {"base": base, "admin": admin, "account": account, "key": key["key"], "mocks": mocks, "env": env}
     subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
     for m in mocks.values():
         m.stop()
@@ -309,3 +310,46 @@ def test_velocity_guard_suspends_on_every_replica(gateway):
     assert admin.patch(f"/keys/{key['id']}", json={"state": "active", "risk": None}).status_code == 200
     time.sleep(1.0)
     assert c.models.list()
+
+
+def test_redeploy_of_a_changed_catalog_under_load_drops_nothing(gateway, tmp_path_factory):
+    import threading
+
+    env = gateway["env"]
+    path = Path(env["TREX_CATALOG"])
+    path.write_text(path.read_text().replace("smart_auto: [gpt-4o-mini]", """  - id: added-later
+    candidates:
+      - {provider: beta, model: beta-added}
+smart_auto: [gpt-4o-mini]"""))
+    gateway["mocks"]["alpha"].control(token_interval_ms=50)
+    stop, results = threading.Event(), []
+
+    def load(stream: bool) -> None:
+        body = {"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": "redeploy"}]}
+        with httpx.Client(base_url=gateway["base"], timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/chat/completions", json=body,
+                                  headers={"Authorization": f"Bearer {gateway['key']}"})
+                    ok = r.status_code == 200 and (not stream or "data: [DONE]" in r.text)
+                    results.append(r.status_code if ok else f"{r.status_code} {r.text[-200:]}")
+                except httpx.HTTPError as exc:
+                    results.append(f"transport error {exc!r}")
+                time.sleep(0.3)  # stay under the plan's 1,000 requests a minute
+
+    threads = [threading.Thread(target=load, args=(i % 2 == 0,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    done = subprocess.run([sys.executable, "-m", "trex_serve.cli", "redeploy"], env=env, capture_output=True,
+                          text=True, timeout=240)
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    bad = [r for r in results if r != 200]
+    assert results and not bad, f"{len(bad)} of {len(results)} requests failed during the redeploy: {bad[:3]}"
+    ids = [m["id"] for m in httpx.get(f"{gateway['base']}/v1/models", timeout=10,
+                                      headers={"Authorization": f"Bearer {gateway['key']}"}).json()["data"]]
+    assert "added-later" in ids
