@@ -18,8 +18,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import exc as sa_exc
 
-from trex_serve.errors import AuthError, InvalidRequest, NotFound
+from trex_serve.errors import AuthError, InvalidRequest, NotFound, ServiceUnavailable
 from trex_serve.risk_settings import RiskSettings
 from trex_serve.schemas import parse_model
 from trex_serve.store.repository import KeyLimits, Repository, credits, to_micro
@@ -173,7 +174,14 @@ def build_admin_router(
     router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_operator)], tags=["admin"])
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+                sa_exc.TimeoutError) as exc:
+            # The database is down or unreachable: a retryable 503 envelope, not a bare 500.
+            log.warning("operator API: database unavailable (%s)", type(exc).__name__)
+            raise ServiceUnavailable("The control-plane database is unavailable; try again shortly.",
+                                     code="store_unavailable", retry_after=1) from None
 
     async def changed(kind: str, ident: str) -> None:
         if on_change is None:

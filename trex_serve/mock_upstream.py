@@ -33,6 +33,10 @@ class Faults:
     malformed_rate: float = 0.0      # fraction answered 200 with a broken JSON body
     require_key: str | None = None   # when set, 401 unless Authorization: Bearer <require_key>
     omit_usage: bool = False         # answer without usage
+    giant_body_bytes: int = 0        # non-streaming chat: a valid answer padded to about this many bytes
+    endless_stream: bool = False     # chat streams never end (paced by token_interval_ms)
+    giant_sse_line_bytes: int = 0    # chat streams: after the first chunk, one SSE line this long, no newline
+    echo_key_in_errors: bool = False  # error messages quote the credential received (as some providers do)
 
 
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -135,7 +139,8 @@ class MockUpstream:
                 return _anthropic_error(401, "invalid x-api-key")
         elif f.require_key and request.headers.get("Authorization") != f"Bearer {f.require_key}":
             self._count(401)
-            return web.json_response({"error": {"message": "Incorrect API key provided.",
+            echoed = f": {request.headers.get('Authorization', '')[7:]}" if f.echo_key_in_errors else "."
+            return web.json_response({"error": {"message": f"Incorrect API key provided{echoed}",
                                                 "type": "invalid_request_error", "code": "invalid_api_key"}},
                                      status=401)
         failing = f.fail_next > 0 or (f.error_rate and random.random() < f.error_rate)
@@ -147,7 +152,8 @@ class MockUpstream:
             if anthropic:
                 return _anthropic_error(f.error_status, f"{self.name} injected {f.error_status}", headers)
             code = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(f.error_status, "server_error")
-            return web.json_response({"error": {"message": f"{self.name} injected {f.error_status}",
+            key_note = f" (key {request.headers.get('Authorization', '')[7:]})" if f.echo_key_in_errors else ""
+            return web.json_response({"error": {"message": f"{self.name} injected {f.error_status}{key_note}",
                                                 "type": code, "code": code}},
                                      status=f.error_status, headers=headers)
         return None
@@ -180,6 +186,8 @@ class MockUpstream:
         if self.faults.malformed_rate and random.random() < self.faults.malformed_rate:
             self._count(200)
             return web.Response(body=b'{"id": "broken", "choices": [', content_type="application/json")
+        if self.faults.giant_body_bytes:
+            return await self._giant(request, body, self.faults.giant_body_bytes)
         words = text.split(" ")
         answer: dict[str, Any] = {
             "id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
@@ -192,6 +200,38 @@ class MockUpstream:
                                "total_tokens": prompt_tokens + len(words)}
         self._count(200)
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    async def _giant(self, request: web.Request, body: dict, size: int) -> web.StreamResponse:
+        """A well-formed answer whose content is ``size`` bytes, written in 64 KiB pieces (the mock
+        itself never holds it whole)."""
+        self._count(200)
+        head = orjson.dumps({"id": "chatcmpl-giant", "object": "chat.completion", "created": int(time.time()),
+                             "model": body.get("model")})[:-1] + b',"choices":[{"index":0,"message":' \
+            b'{"role":"assistant","content":"'
+        tail = b'"},"finish_reason":"stop"}]}'
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        try:
+            await resp.write(head)
+            piece = b"x" * 65536
+            for _ in range(size // len(piece) + 1):
+                await resp.write(piece)
+            await resp.write(tail)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+        return resp
+
+    async def _endless(self, request: web.Request, resp: web.StreamResponse, base: dict) -> web.StreamResponse:
+        f = self.faults
+        chunk = b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {"content": " more"},
+                                                               "finish_reason": None}]}) + b"\n\n"
+        try:
+            while True:
+                await resp.write(chunk)
+                await asyncio.sleep(f.token_interval_ms / 1000 if f.token_interval_ms else 0)
+        except (ConnectionError, RuntimeError):
+            return resp
 
     async def _stream(self, request: web.Request, body: dict, text: str, prompt_tokens: int) -> web.StreamResponse:
         f = self.faults
@@ -209,6 +249,18 @@ class MockUpstream:
         first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "finish_reason": None}]}
         await resp.write(b"data: " + orjson.dumps(first) + b"\n\n")
+        if f.endless_stream:
+            return await self._endless(request, resp, base)
+        if f.giant_sse_line_bytes:
+            try:
+                await resp.write(b"data: ")
+                for _ in range(f.giant_sse_line_bytes // 65536 + 1):
+                    await resp.write(b"x" * 65536)
+                await resp.write(b"\n\n")
+                await resp.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+            return resp
         for i, piece in enumerate(pieces):
             if f.token_interval_ms:
                 await asyncio.sleep(f.token_interval_ms / 1000)

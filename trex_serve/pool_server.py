@@ -19,6 +19,33 @@ from trex_serve.providers import adapter_for
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_STREAM_SECONDS = 900.0
+# A stream's bytes that have not yet completed an event the translator can emit: bounded, so an
+# upstream that sends one endless SSE line cannot grow the replica's memory without limit.
+MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def max_stream_seconds(provider: Provider) -> float:
+    """A provider's ``max_stream_s`` (when the catalog has that field) or the module default."""
+    value = getattr(provider, "max_stream_s", None)
+    return float(value) if value else MAX_STREAM_SECONDS
+
+
+class _EventTooLarge(Exception):
+    pass
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Upstreams sometimes quote the credential they were sent in an error message ("Incorrect API
+    key provided: sk-..."): the key never travels further than the pool."""
+    if not text or not secret or len(secret) < 6:
+        return text
+    if secret in text:
+        text = text.replace(secret, "[redacted]")
+    # Partial quotes (a long prefix or suffix) are as good as the key for guessing: cut them too.
+    for part in {secret[:len(secret) // 2], secret[-(len(secret) // 2):]}:
+        if len(part) >= 8 and part in text:
+            text = text.replace(part, "[redacted]")
+    return text
 
 
 def _failure(status: int, failure: str, message: str, retry_after: float | None = None) -> web.Response:
@@ -66,8 +93,14 @@ class PoolServer:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop accepting; with ``drain_s``, let requests in flight finish first (bounded)."""
         if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+            deadline = time.monotonic() + drain_s
+            while self.inflight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             await self._runner.cleanup()
         if self.session is not None:
             await self.session.close()
@@ -122,14 +155,14 @@ class PoolServer:
             return _failure(502, "reset", f"{provider.name} closed the connection: {type(exc).__name__}")
         try:
             if upstream.status != 200:
-                return await self._upstream_error(upstream, adapter, provider, outcome)
+                return await self._upstream_error(upstream, adapter, provider, outcome, api_key)
             if stream:
                 return await self._stream(request, upstream, adapter, provider, api, model, h, outcome)
             return await self._whole(upstream, adapter, provider, api, outcome, started)
         finally:
             upstream.release()
 
-    async def _upstream_error(self, upstream, adapter, provider, outcome) -> web.Response:
+    async def _upstream_error(self, upstream, adapter, provider, outcome, api_key: str | None = None) -> web.Response:
         retry_after = _retry_after(upstream.headers)
         try:
             async with asyncio.timeout(provider.timeout_s):
@@ -137,6 +170,7 @@ class PoolServer:
         except (TimeoutError, aiohttp.ClientError):
             raw = b""
         code, message = adapter.translate_error(upstream.status, raw)
+        message = redact(message, api_key)
         status = upstream.status
         retryable = status in hop.RETRYABLE_STATUS
         outcome(not retryable and status < 500, status, retry_after if status in (429, 503, 529) else None)
@@ -179,12 +213,18 @@ class PoolServer:
         # Nothing is sent to the ingress until the upstream's first bytes arrive: up to then a
         # failure is still a clean, retryable answer the ingress can fall back from.
         first = b""
+        unsent = 0
         try:
             async with asyncio.timeout(provider.first_byte_timeout):
                 while not first:
                     chunk = await content.readany()
                     if not chunk:
                         break
+                    unsent += len(chunk)
+                    if unsent > MAX_SSE_EVENT_BYTES:
+                        outcome(False, 502)
+                        return _failure(502, "bad_response",
+                                        f"{provider.name} sent over {MAX_SSE_EVENT_BYTES} bytes without an event")
                     first = translator.feed(chunk)
         except TimeoutError:
             outcome(False, 504)
@@ -200,24 +240,46 @@ class PoolServer:
         await response.prepare(request)
         await response.write(first)
         ok = True
-        deadline = time.monotonic() + MAX_STREAM_SECONDS
+        limit_s = max_stream_seconds(provider)
+        deadline = time.monotonic() + limit_s
+        unsent = 0
         try:
             while True:
-                async with asyncio.timeout(min(provider.timeout_s, max(0.01, deadline - time.monotonic()))):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    # Checked on every chunk: an upstream that never pauses still meets the limit.
+                    raise TimeoutError
+                async with asyncio.timeout(min(provider.timeout_s, left)):
                     chunk = await content.readany()
                 if not chunk:
                     break
                 out = translator.feed(chunk)
                 if out:
+                    unsent = 0
                     await response.write(out)
-        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+                else:
+                    unsent += len(chunk)
+                    if unsent > MAX_SSE_EVENT_BYTES:
+                        raise _EventTooLarge
+        except (TimeoutError, _EventTooLarge, aiohttp.ClientError, ConnectionError) as exc:
             ok = False
             if isinstance(exc, ConnectionResetError) and request.transport is None:
                 raise  # the ingress went away: nothing to tell it
-            err = {"error": {"message": f"{provider.name} stream interrupted", "type": "upstream_error",
-                             "code": "upstream_stream_interrupted"}}
+            if isinstance(exc, TimeoutError) and time.monotonic() >= deadline:
+                message, code = f"{provider.name} stream exceeded {limit_s:g}s", "upstream_stream_time_limit"
+            elif isinstance(exc, _EventTooLarge):
+                message, code = (f"{provider.name} sent over {MAX_SSE_EVENT_BYTES} bytes without an event",
+                                 "upstream_stream_event_too_large")
+            else:
+                message, code = f"{provider.name} stream interrupted", "upstream_stream_interrupted"
+            err = {"error": {"message": message, "type": "upstream_error", "code": code}}
+            tail = translator.finish()
+            if isinstance(exc, _EventTooLarge):
+                # Never forward the oversized fragment: only the usage comment for settlement.
+                at = tail.rfind(b": trex-usage ")
+                tail = tail[at:] if at >= 0 else b""
             try:
-                await response.write(b"data: " + orjson.dumps(err) + b"\n\n" + translator.finish())
+                await response.write(b"data: " + orjson.dumps(err) + b"\n\n" + tail)
             except (ConnectionError, RuntimeError):
                 pass
             outcome(False, 502)

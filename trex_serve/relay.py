@@ -3,11 +3,33 @@ hand back its answer, streaming bodies as read."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import orjson
 
 from trex_serve import hop
+
+# A provider key travels as an HTTP header value: printable ASCII only (no CR/LF/NUL, no
+# non-ASCII, no spaces), and short enough for any upstream's header limits.
+MAX_UPSTREAM_KEY_CHARS = 4096
+_KEY_OK = re.compile(r"[\x21-\x7e]+")
+
+
+def valid_upstream_key(value: str) -> bool:
+    return len(value) <= MAX_UPSTREAM_KEY_CHARS and _KEY_OK.fullmatch(value) is not None
+
+
+def invalid_key_response() -> hop.HopResponse:
+    """The caller's X-Upstream-Api-Key cannot be sent as a header: a non-retryable 400 that names
+    the header (and never echoes its value), before any byte leaves for a pool or an upstream."""
+    body = orjson.dumps({"error": {"message": "X-Upstream-Api-Key must be printable ASCII without spaces "
+                                              f"and at most {MAX_UPSTREAM_KEY_CHARS} characters.",
+                                   "type": "invalid_request_error", "code": "invalid_request_error",
+                                   "param": "X-Upstream-Api-Key"}})
+    return hop.HopResponse(400, {}, body)
+
 
 EndpointPicker = Callable[[str, set[tuple[str, int]]], Awaitable[tuple[str, int]]]
 
@@ -48,6 +70,8 @@ class HttpRelay:
             "Content-Type": "application/json",
         }
         if req.api_key:
+            if not valid_upstream_key(req.api_key):
+                return invalid_key_response()
             headers[hop.H_KEY] = req.api_key
         tried: set[tuple[str, int]] = set()
         last: Exception | None = None
