@@ -67,6 +67,7 @@ class Runtime:
         for writer in (self.logs, self.ledger, self.risk_events):
             writer.start()
         self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._retention_loop(), name="log-retention"))
         self.metrics_exchange.start()
 
     async def close(self) -> None:
@@ -76,6 +77,25 @@ class Runtime:
             await writer.close()
         await self.metrics_exchange.stop()
         await self.counters.aclose()
+
+    async def purge_old_logs(self) -> int:
+        """Delete request logs older than TREX_LOG_RETENTION_DAYS (0 keeps them forever)."""
+        from datetime import UTC, datetime, timedelta
+
+        if self.settings.log_retention_days <= 0:
+            return 0
+        cutoff = datetime.now(UTC) - timedelta(days=self.settings.log_retention_days)
+        return await asyncio.to_thread(self.repo.purge_logs, cutoff)
+
+    async def _retention_loop(self, every_s: float = 3600.0) -> None:
+        while True:
+            try:
+                removed = await self.purge_old_logs()
+                if removed:
+                    log.info("log retention: removed %d request-log rows", removed)
+            except Exception:
+                log.warning("log retention pass failed; will retry", exc_info=True)
+            await asyncio.sleep(every_s)
 
     def _write_risk_events(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:

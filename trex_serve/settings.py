@@ -42,6 +42,7 @@ class Settings:
     auth_failures_per_minute: int = 20
     trusted_proxies: tuple[str, ...] = field(default_factory=tuple)
     pool_secret: str = ""
+    log_retention_days: int = 30
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -60,4 +61,5 @@ class Settings:
             auth_failures_per_minute=_int("TREX_AUTH_FAILURES_PER_MINUTE", 20),
             trusted_proxies=proxies,
             pool_secret=env.get("TREX_POOL_SECRET", ""),
+            log_retention_days=_int("TREX_LOG_RETENTION_DAYS", 30),
         )

@@ -188,3 +188,17 @@ async def test_ledger_reconciles_and_redis_loss_rebuilds_balances(gw, database_u
     assert drifted["mismatched"] == 1 and drifted["rows"][0]["difference_micro"] == 123
     await reconcile(database_url, redis_url, "x", fix=True, prefix=counters.prefix)
     assert (await reconcile(database_url, redis_url, "x", prefix=counters.prefix))["mismatched"] == 0
+
+
+async def test_log_retention_removes_only_old_rows(gw):
+    import time as _time
+
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    fresh = (await chat(gw, key["key"])).headers["x-trex-request-id"]
+    await gw.runtime.logs.flush_once()
+    gw.runtime.repo.insert_logs([{"request_id": "req_old", "account_id": acc["id"], "api": "chat",
+                                  "created_at": _time.time() - 40 * 86400, "status": 200}])
+    assert await gw.runtime.purge_old_logs() == 1
+    ids = [r["request_id"] for r in gw.runtime.repo.query_logs(acc["id"], limit=10)]
+    assert ids == [fresh]
