@@ -24,7 +24,12 @@ pytestmark = pytest.mark.e2e
 def gateway(tmp_path_factory):
     home = tmp_path_factory.mktemp("trex-e2e")
     mocks = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    catalog = write_catalog(home / "catalog.yaml", mocks)
+    catalog = write_catalog(home / "catalog.yaml", mocks, extra="""
+  - name: tiny
+    rpm: 100
+    concurrency: 4
+    daily_quota: {requests: 2}
+""")
     port = free_port()
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(port),
            "TREX_ADMIN_TOKEN": "op-token-e2e",
@@ -353,3 +358,111 @@ smart_auto: [gpt-4o-mini]"""))
     ids = [m["id"] for m in httpx.get(f"{gateway['base']}/v1/models", timeout=10,
                                       headers={"Authorization": f"Bearer {gateway['key']}"}).json()["data"]]
     assert "added-later" in ids
+
+
+def _sdk(gateway, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=key, max_retries=0)
+
+
+def _code_of(call) -> tuple[int, str]:
+    try:
+        call()
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.body["code"]
+    return 200, ""
+
+
+def test_every_admission_code_through_the_sdk(gateway):
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "codes", "plan": "free"}).json()
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    for state, expected in [("inactive", "api_key_inactive"), ("suspended", "api_key_suspended")]:
+        key = admin.post(f"/accounts/{acc['id']}/keys", json={}).json()
+        admin.patch(f"/keys/{key['id']}", json={"state": state})
+        time.sleep(0.3)
+        assert _code_of(lambda k=key: _sdk(gateway, k["key"]).chat.completions.create(**chat)) == (401, expected)
+    key = admin.post(f"/accounts/{acc['id']}/keys", json={"limits": {"concurrency": 1}}).json()
+    c = _sdk(gateway, key["key"])
+    assert _code_of(lambda: c.chat.completions.create(model="byok-model", messages=chat["messages"])) == (
+        424, "provider_binding_missing")
+    admin.patch(f"/accounts/{acc['id']}", json={"subscription_state": "canceled"})
+    time.sleep(0.3)
+    assert _code_of(lambda: c.chat.completions.create(**chat)) == (402, "subscription_inactive")
+    admin.patch(f"/accounts/{acc['id']}", json={"subscription_state": "active", "state": "suspended"})
+    time.sleep(0.3)
+    assert _code_of(lambda: c.chat.completions.create(**chat)) == (401, "account_suspended")
+    admin.patch(f"/accounts/{acc['id']}", json={"state": "active"})
+    time.sleep(0.3)
+    assert _code_of(lambda: c.chat.completions.create(**chat)) == (200, "")
+
+
+def test_concurrency_limit_429_and_no_leaked_slot(gateway):
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "conc", "plan": "free"}).json()
+    key = admin.post(f"/accounts/{acc['id']}/keys", json={"limits": {"concurrency": 2}}).json()
+    gateway["mocks"]["alpha"].control(latency_ms=400)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "c"}]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _i: httpx.post(f"{gateway['base']}/v1/chat/completions", json=body, timeout=30,
+                                                      headers={"Authorization": f"Bearer {key['key']}"}), range(8)))
+    gateway["mocks"]["alpha"].control(latency_ms=0)
+    codes = sorted(r.status_code for r in answers)
+    assert codes.count(200) == 2 and codes.count(429) == 6
+    assert all(r.json()["error"]["code"] == "concurrency_limit_exceeded" and r.headers["retry-after"]
+               for r in answers if r.status_code == 429)
+    for _ in range(3):  # every slot came back
+        assert httpx.post(f"{gateway['base']}/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key['key']}"}).status_code == 200
+
+
+def test_billing_quota_credits_grant_downgrade_and_free_failures(gateway):
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "billing", "plan": "free"}).json()
+    key = admin.post(f"/accounts/{acc['id']}/keys", json={}).json()
+    c = _sdk(gateway, key["key"])
+    msgs = [{"role": "user", "content": "bill me"}]
+    refused = _code_of(lambda: c.chat.completions.create(model="big-model", messages=msgs))
+    assert refused == (402, "insufficient_credits")
+    admin.post(f"/accounts/{acc['id']}/credits", json={"amount": 1, "reason": "grant"})
+    raw = c.chat.completions.with_raw_response.create(model="big-model", messages=msgs)
+    usage = raw.parse().usage
+    expected = usage.prompt_tokens * 5 + usage.completion_tokens * 15
+    # A fallback is billed once (for the answer that was served); a failed request costs nothing.
+    gateway["mocks"]["alpha"].control(fail_next=1, error_status=503)
+    fb = c.chat.completions.with_raw_response.create(model="big-model", messages=msgs)
+    assert fb.headers["x-trex-attempts"] == "2"
+    fb_usage = fb.parse().usage
+    expected += fb_usage.prompt_tokens * 5 + fb_usage.completion_tokens * 15
+    for m in gateway["mocks"].values():
+        m.control(fail_next=1, error_status=500)
+    assert _code_of(lambda: c.chat.completions.create(model="big-model", messages=msgs))[0] == 502
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        usage_now = admin.get(f"/accounts/{acc['id']}/usage").json()
+        if usage_now["credits"]["charged_micro"] == expected:
+            break
+        time.sleep(0.2)
+    assert usage_now["credits"]["charged_micro"] == expected
+    assert usage_now["live_balance_micro"] == usage_now["credits"]["balance_micro"]
+    quota_before = usage_now["quota"]["requests_used"]
+    poor = admin.post("/accounts", json={"name": "poor", "plan": "free"}).json()
+    down = admin.post(f"/accounts/{poor['id']}/keys", json={"billing_policy": "downgrade"}).json()
+    d = _sdk(gateway, down["key"]).chat.completions.with_raw_response.create(model="big-model", messages=msgs)
+    assert d.headers["x-trex-downgraded"] == "1" and d.headers["x-trex-billing"] == "quota"
+    assert admin.get(f"/accounts/{acc['id']}/usage").json()["quota"]["requests_used"] == quota_before
+
+
+def test_daily_quota_exhaustion_429_with_reset(gateway):
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "tiny", "plan": "tiny"}).json()
+    c = _sdk(gateway, admin.post(f"/accounts/{acc['id']}/keys", json={}).json()["key"])
+    msgs = [{"role": "user", "content": "q"}]
+    for _ in range(2):
+        c.chat.completions.create(model="smart-auto", messages=msgs)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="smart-auto", messages=msgs)
+    assert err.value.body["code"] == "insufficient_quota"
+    assert 1 <= int(err.value.response.headers["retry-after"]) <= 86400
+    assert admin.get(f"/accounts/{acc['id']}/usage").json()["quota"]["requests_left"] == 0
