@@ -179,6 +179,12 @@ def _demo_key(home: Path, base: str, admin_token: str) -> str | None:
 def cmd_up(args: argparse.Namespace) -> int:
     home = state_dir()
     env = os.environ
+    http_port = int(env.get("TREX_HTTP_PORT", "8000"))
+    for port, what in ((args.ray_port, "Ray's GCS (--ray-port)"), (http_port, "HTTP (TREX_HTTP_PORT)")):
+        if port_open("127.0.0.1", port):
+            _say(f"port {port} for {what} is already in use: is another gateway running? "
+                 "Stop it with `trex-serve down` (from its TREX_HOME) or choose another port.")
+            return 1
     demo = args.demo or not env.get("TREX_CATALOG")
     if not env.get("TREX_CATALOG"):
         env["TREX_CATALOG"] = str(DEFAULT_CATALOG)
@@ -193,7 +199,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     env.setdefault("TREX_DATABASE_URL", f"sqlite:///{home / 'trex.db'}")
     env.setdefault("TREX_ADMIN_TOKEN", _persisted_secret(home, "admin_token"))
     env.setdefault("TREX_SECRET_KEY", _persisted_secret(home, "secret_key"))
-    http_port = int(env.get("TREX_HTTP_PORT", "8000"))
     serve_port = http_port
     if args.front_proxy:
         # Serve listens on an internal port; clients reach it through the front proxy, the only
