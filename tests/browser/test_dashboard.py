@@ -16,17 +16,9 @@ import pytest
 
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.catalog import load_catalog
-from trex_serve.counters import CounterStore
 from trex_serve.embedded import free_port, port_open
-from trex_serve.http_app import build_http_app
-from trex_serve.pipeline import Pipeline
-from trex_serve.pool_server import PoolServer
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner
-from trex_serve.runtime import Runtime
 from trex_serve.settings import Settings
-from trex_serve.store.database import create_engine, migrate
-from trex_serve.store.repository import Repository
+from trex_serve.standalone import standalone_gateway
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -60,39 +52,10 @@ class Gateway(threading.Thread):
         database_url = f"sqlite:///{self.tmp_path / 'trex.db'}"
         settings = Settings(catalog_path="", database_url=database_url, redis_url=self.redis_url,
                             admin_token="op", secret_key="test-secret")
-        engine = create_engine(database_url)
-        migrate(engine)
-        repo = Repository(engine, settings.secret_key)
-        repo.sync_plans([p.model_dump() for p in catalog.plans])
-        runtime = Runtime(settings, catalog, repo, CounterStore.from_url(self.redis_url, prefix=self.key_prefix))
-        runtime.start()
-        pool = PoolServer({p.name: p for p in catalog.providers}, "pool-secret")
-        pool_port = await pool.start()
-
-        async def pick(_provider, _exclude):
-            return ("127.0.0.1", pool_port)
-
-        relay = HttpRelay(pick, "pool-secret")
-        planner = runtime.planner = Planner()
-        pipeline = Pipeline(catalog, settings, runtime.gate, relay, planner, runtime.record)
-        admin_app = runtime.admin_app()
-
-        async def pipeline_ref():
-            return pipeline
-
-        async def admin_ref():
-            return admin_app
-
-        app = build_http_app(pipeline_ref, admin_ref)
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                     lifespan="off"))
-        try:
+        async with standalone_gateway(settings, catalog, counters_prefix=self.key_prefix) as gateway:
+            self._server = uvicorn.Server(uvicorn.Config(gateway.app, host="127.0.0.1", port=self.port,
+                                                         log_level="warning", lifespan="off"))
             await self._server.serve()
-        finally:
-            await runtime.close()
-            await relay.close()
-            await pool.stop()
-            engine.dispose()
 
     def stop(self) -> None:
         if self._server is not None:

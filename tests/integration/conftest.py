@@ -11,16 +11,8 @@ import sqlalchemy as sa
 
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.catalog import load_catalog
-from trex_serve.counters import CounterStore
-from trex_serve.http_app import build_http_app
-from trex_serve.pipeline import Pipeline
-from trex_serve.pool_server import PoolServer
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner
-from trex_serve.runtime import Runtime
 from trex_serve.settings import Settings
-from trex_serve.store.database import create_engine, migrate
-from trex_serve.store.repository import Repository
+from trex_serve.standalone import standalone_gateway
 
 PLAN = """
   - name: tight
@@ -65,37 +57,11 @@ async def gw(mocks, tmp_path, database_url, redis_url, key_prefix):
     catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks, extra=PLAN))
     settings = Settings(catalog_path="", database_url=database_url, redis_url=redis_url, admin_token="op",
                         secret_key="test-secret", auth_failures_per_minute=5)
-    engine = create_engine(database_url)
-    migrate(engine)
-    repo = Repository(engine, settings.secret_key)
-    repo.sync_plans([p.model_dump() for p in catalog.plans])
-    runtime = Runtime(settings, catalog, repo, CounterStore.from_url(redis_url, prefix=key_prefix))
-    runtime.start()
-    pool = PoolServer({p.name: p for p in catalog.providers}, "pool-secret")
-    port = await pool.start()
-
-    async def pick(_provider, _exclude):
-        return ("127.0.0.1", port)
-
-    relay = HttpRelay(pick, "pool-secret")
-    planner = runtime.planner = Planner()
-    pipeline = Pipeline(catalog, settings, runtime.gate, relay, planner, runtime.record)
-    admin_app = runtime.admin_app()
-
-    async def pipeline_ref():
-        return pipeline
-
-    async def admin_ref():
-        return admin_app
-
-    app = build_http_app(pipeline_ref, admin_ref)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-        client.runtime = runtime
-        client.mocks = mocks
-        yield client
-    await runtime.close()
-    await relay.close()
-    await pool.stop()
-    engine.dispose()
+    async with standalone_gateway(settings, catalog, counters_prefix=key_prefix) as gateway:
+        transport = httpx.ASGITransport(app=gateway.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            client.runtime = gateway.runtime
+            client.mocks = mocks
+            yield client
 
 
