@@ -34,6 +34,7 @@ class Provider(_Strict):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float | None = Field(default=None, gt=0)
     supports_responses: bool = False
+    max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
     pool: PoolSizing = Field(default_factory=PoolSizing)
 

@@ -354,6 +354,8 @@ class CounterStore:
     ) -> None:
         self.client = client
         self.prefix = prefix
+        # Set when shutting down: background loops end on it even if redis-py swallows a cancellation.
+        self.closing = False
         self.group_commit = group_commit
         self.timeout_s = timeout_s
         self.record_ttl_s = record_ttl_s
@@ -371,6 +373,7 @@ class CounterStore:
         return cls(client, prefix, **kwargs)
 
     async def aclose(self) -> None:
+        self.closing = True
         await self.client.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -609,14 +612,14 @@ class CounterStore:
 
         async def run() -> None:
             delay = reconnect_delay_s
-            while True:
+            while not self.closing:
                 pubsub = _ResyncPubSub(
                     self.client.connection_pool, event_dispatcher=getattr(self.client, "_event_dispatcher", None)
                 )
                 try:
                     await pubsub.subscribe(self.channel)
                     delay = reconnect_delay_s
-                    while True:
+                    while not self.closing:
                         if pubsub.resync:
                             pubsub.resync = False
                             await deliver("*", "")

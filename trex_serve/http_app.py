@@ -10,10 +10,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.client_ip import client_address
-from trex_serve.errors import InvalidRequest, RequestTooLarge, TrexError
+from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.pipeline import Answer, Pipeline, new_request_id
+from trex_serve.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
 from trex_serve.settings import Settings
 
 
@@ -35,6 +37,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def upstream_key(request: Request) -> str | None:
+    """The caller's own provider key, checked before admission so a malformed one costs nothing."""
+    value = request.headers.get("x-upstream-api-key")
+    if value and not valid_upstream_key(value):
+        raise InvalidRequest(f"X-Upstream-Api-Key must be printable ASCII without spaces and at most "
+                             f"{MAX_UPSTREAM_KEY_CHARS} characters.", param="X-Upstream-Api-Key")
+    return value
+
+
 def render(answer: Answer) -> Response:
     if answer.stream is not None:
         headers = dict(answer.headers)
@@ -48,7 +59,8 @@ def render(answer: Answer) -> Response:
 
 def error_response(exc: TrexError, request_id: str | None = None) -> Response:
     rid = request_id or new_request_id()
-    headers = {"X-Trex-Request-Id": rid, **exc.response_headers()}
+    # Refused before the pipeline ran: no upstream was tried.
+    headers = {"X-Trex-Request-Id": rid, "X-Trex-Attempts": "0", **exc.response_headers()}
     return Response(exc.body(rid), status_code=exc.status, headers=headers, media_type="application/json")
 
 
@@ -58,6 +70,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TrexError)
     async def _trex_error(_request: Request, exc: TrexError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+        return error_response(TrexError(str(exc.detail), status=exc.status_code, code=code,
+                                        type="invalid_request_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> Response:
@@ -69,6 +87,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
         # Never a bare 500 or a stack trace on the wire; the log has the details.
+        from sqlalchemy.exc import InterfaceError, OperationalError
+
+        if isinstance(exc, OperationalError | InterfaceError):
+            return error_response(ServiceUnavailable("The store is unavailable; try again shortly.",
+                                                     code="store_unavailable", retry_after=1))
         logging.getLogger("trex.http").exception("unhandled error")
         return error_response(TrexError("The gateway hit an internal error.", status=500))
 
@@ -116,7 +139,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
-                                     request.headers.get("x-upstream-api-key"))
+                                     upstream_key(request))
         return render(answer)
 
     @app.post("/v1/responses")
@@ -124,7 +147,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.responses(body, request.headers.get("authorization"),
-                                          ip(request, pipeline.settings), request.headers.get("x-upstream-api-key"))
+                                          ip(request, pipeline.settings), upstream_key(request))
         return render(answer)
 
     @app.get("/v1/models")

@@ -249,6 +249,7 @@ class MetricsExchange:
         self.ttl_ms = max(1, int(interval_s * 3 * 1000))
         self.index_key = f"{prefix}metrics-replicas"
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def key(self, replica_id: str | None = None) -> str:
         return f"{self.prefix}metrics:{replica_id or self.replica_id}"
@@ -265,7 +266,9 @@ class MetricsExchange:
         await pipe.execute()
 
     async def _run(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: redis-py can swallow a CancelledError
+        # that lands in the middle of a command.
+        while not self._stopping:
             try:
                 await self.publish()
             except asyncio.CancelledError:
@@ -275,23 +278,25 @@ class MetricsExchange:
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> None:
+        self._stopping = False
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-exchange")
 
     async def stop(self, *, remove: bool = True) -> None:
         """Stop publishing; ``remove`` deletes this replica's snapshot at once (a clean shutdown),
         otherwise it expires after its TTL (as it would if the replica died)."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            # Bounded: a publish cancelled mid-command can leave redis-py waiting on its socket.
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         if remove:
             with contextlib.suppress(Exception):
                 pipe = self.client.pipeline(transaction=False)
                 pipe.delete(self.key())
                 pipe.zrem(self.index_key, self.replica_id)
-                await pipe.execute()
+                await asyncio.wait_for(pipe.execute(), timeout=2.0)
 
     async def live_snapshots(self) -> dict[str, str]:
         """Snapshot text of every replica whose key has not expired, by replica id."""

@@ -87,6 +87,13 @@ async def _translated(chunks: AsyncIterator[bytes], translator: ResponsesStream)
         yield tail
 
 
+def _dumps(payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except TypeError:  # orjson reads 1,024 levels of nesting but writes only 255
+        raise InvalidRequest("The request body is nested too deeply.") from None
+
+
 def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
@@ -140,7 +147,7 @@ class Pipeline:
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
             want_usage = bool((request.stream_options or {}).get("include_usage"))
-            body = orjson.dumps(payload)
+            body = _dumps(payload)
             return await self._attempts(call, resolution, lambda _t: ("chat", body), want_usage, upstream_key)
         except TrexError as exc:
             await self._settle_failure(call)
@@ -181,7 +188,7 @@ class Pipeline:
             chat_payload.pop("trex", None)
             if call.ticket.downgraded:
                 native["model"] = chat_payload["model"] = SMART_AUTO
-            native_body, chat_body = orjson.dumps(native), orjson.dumps(chat_payload)
+            native_body, chat_body = _dumps(native), _dumps(chat_payload)
 
             def body_for(target: Target) -> tuple[str, bytes]:
                 spec = self.catalog.provider(target.provider)
@@ -333,6 +340,8 @@ class Pipeline:
             parsed = parse_usage_comment(tail)
             if parsed is not None:
                 usage = Usage(*parsed)
+                if usage.estimated and not usage.prompt_tokens and call.ticket is not None:
+                    usage = Usage(call.ticket.prompt_estimate, usage.completion_tokens, True)
             else:
                 # Cut short (client gone or pool lost): bill what was delivered, by a count.
                 prompt = call.ticket.prompt_estimate if call.ticket else 0

@@ -71,8 +71,12 @@ class Runtime:
         self.metrics_exchange.start()
 
     async def close(self) -> None:
+        self.counters.closing = True
         for task in self._tasks:
             task.cancel()
+        if self._tasks:
+            # Bounded: redis-py may hold a cancelled pub/sub read until its next timeout.
+            await asyncio.wait(self._tasks, timeout=3.0)
         for writer in (self.logs, self.ledger, self.risk_events):
             await writer.close()
         await self.metrics_exchange.stop()

@@ -9,6 +9,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trex_serve.errors import InvalidRequest
 
 
+def _strict_bool(cls: Any, value: Any) -> Any:
+    """JSON true/false only (or null): "yes" or 1 is a mistake worth a 400, not a silent stream."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -46,14 +55,7 @@ class ChatCompletionRequest(_Open):
     n: int | None = Field(default=None, ge=1, le=128)
     trex: TrexExtension | None = None
 
-    @field_validator("stream", mode="before")
-    @classmethod
-    def _strict_bool(cls, value: Any) -> Any:
-        if value is None:
-            return False
-        if not isinstance(value, bool):
-            raise ValueError("must be a boolean")
-        return value
+    _strict_stream = field_validator("stream", mode="before")(_strict_bool)
 
 
 class ResponsesRequest(_Open):
@@ -63,6 +65,8 @@ class ResponsesRequest(_Open):
     stream: bool = False
     max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     trex: TrexExtension | None = None
+
+    _strict_stream = field_validator("stream", mode="before")(_strict_bool)
 
 
 class ModelCard(BaseModel):

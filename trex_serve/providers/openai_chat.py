@@ -12,6 +12,23 @@ from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
 from trex_serve.tokens import CHARS_PER_TOKEN
 
 
+def _content_chars(event: bytes) -> int:
+    """Characters of text a chunk delivered (what a cut stream is billed for), framing excluded."""
+    data = data_of(event)
+    try:
+        obj = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return 0
+    if not isinstance(obj, dict):
+        return 0
+    total = 0
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+            total += len(delta["content"])
+    return total
+
+
 class OpenAIStream:
     """Relays chunks as they come; drops the usage-only chunk when the client did not ask for it,
     and reports usage (or a count of delivered text) in a trailing comment."""
@@ -46,7 +63,7 @@ class OpenAIStream:
                             obj.pop("usage", None)
                             event = b"data: " + orjson.dumps(obj)
             elif b'"content"' in event:
-                self.delivered_chars += len(event) // 2  # rough: half of a delta event is text
+                self.delivered_chars += _content_chars(event)
             out.append(event)
         return b"\n\n".join(out) + b"\n\n" if out else b""
 
