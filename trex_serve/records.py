@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -33,4 +33,5 @@ class RequestRecord:
     created_at: float = field(default_factory=time.time)
 
     def row(self) -> dict[str, Any]:
-        return asdict(self)
+        # A shallow copy: asdict's deep copy costs more than the rest of the record, per request.
+        return dict(self.__dict__)
