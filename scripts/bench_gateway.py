@@ -66,6 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--pool-replicas", type=int, default=1)
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--risk", action="store_true", help="also run with every risk control enabled on the key")
     ap.add_argument("--litellm", action="store_true", help="also run LiteLLM's proxy (pip install 'litellm[proxy]')")
@@ -81,7 +82,7 @@ def main() -> int:
     catalog.write_text(f"""
 providers:
   - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, timeout_s: 30,
-     pool: {{min_replicas: 1, max_replicas: 1}}}}
+     pool: {{min_replicas: {args.pool_replicas}, max_replicas: {args.pool_replicas}}}}}
 models:
   - id: gpt-4o-mini
     candidates: [{{provider: bench, model: gpt-4o-mini}}]

@@ -94,12 +94,14 @@ class PoolServer:
         return self.port
 
     async def stop(self, drain_s: float = 0.0) -> None:
-        """Stop accepting; with ``drain_s``, let requests in flight finish first (bounded)."""
+        """With ``drain_s``: keep serving for a short grace period (ingress replicas may still hold
+        the old routing view and send new requests here), then until the requests in flight are
+        done (bounded by ``drain_s``), then stop."""
         if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()
-            deadline = time.monotonic() + drain_s
-            while self.inflight and time.monotonic() < deadline:
+            started = time.monotonic()
+            grace = min(2.0, drain_s)
+            while time.monotonic() - started < drain_s and (
+                    time.monotonic() - started < grace or self.inflight):
                 await asyncio.sleep(0.05)
             await self._runner.cleanup()
         if self.session is not None:

@@ -3,6 +3,7 @@ hand back its answer, streaming bodies as read."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -39,7 +40,7 @@ class HttpRelay:
     a deployment, a fixed address in tests); an unreachable replica is skipped, not failed."""
 
     def __init__(self, pick: EndpointPicker, secret: str, max_connections: int = 2048,
-                 replica_tries: int = 3) -> None:
+                 replica_tries: int = 5) -> None:
         self.pick = pick
         self.secret = secret
         self.replica_tries = replica_tries
@@ -75,7 +76,10 @@ class HttpRelay:
             headers[hop.H_KEY] = req.api_key
         tried: set[tuple[str, int]] = set()
         last: Exception | None = None
-        for _ in range(self.replica_tries):
+        for attempt in range(self.replica_tries):
+            if attempt:
+                # A replica going away during a roll-over: give the routing view a moment to move on.
+                await asyncio.sleep(0.05 * 2 ** attempt)
             try:
                 host, port = await self.pick(req.provider, tried)
             except Exception as exc:  # the pool deployment itself is unavailable (restarting, gone)
