@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from trex_serve.admin_api import _int_query, _json_body
+from trex_serve.admin_api import PutBinding, _Body, _dump, _int_query, _json_body, reject_null
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.risk_settings import RiskSettings
 from trex_serve.schemas import parse_model
@@ -38,10 +38,6 @@ log = logging.getLogger("trex.account")
 
 MAX_TRAFFIC_MINUTES = 24 * 60
 MAX_TRAFFIC_ROWS = 200_000
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CreateKey(_Body):
@@ -58,17 +54,7 @@ class PatchKey(_Body):
     name: str | None = Field(default=None, max_length=200)
     state: Literal["active", "inactive"] | None = None
 
-    @field_validator("state")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        if value is None:
-            raise ValueError("may not be null")
-        return value
-
-
-class PutBinding(_Body):
-    api_key: str = Field(min_length=1, max_length=4096)
-    key_ids: list[str] | None = None
+    _not_null = field_validator("state")(reject_null)
 
 
 @dataclass(frozen=True)
@@ -84,16 +70,6 @@ def _bearer(request: Request) -> str:
     if scheme.lower() != "bearer" or not value.strip():
         raise AuthError("Missing owner token: send 'Authorization: Bearer <owner token>'.")
     return value.strip()
-
-
-def _dump(model: BaseModel) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in model.model_fields_set:
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            value = value.model_dump(exclude_unset=True, exclude_none=True)
-        out[name] = value
-    return out
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:

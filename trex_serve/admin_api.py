@@ -34,6 +34,13 @@ OnCredits = Callable[[str, int], Awaitable[None]]
 MAX_CREDITS_PER_GRANT = 1_000_000_000.0
 
 
+def reject_null(cls: Any, value: Any) -> Any:
+    """PATCH fields may be left out, but an explicit null is a mistake worth a 400."""
+    if value is None:
+        raise ValueError("may not be null")
+    return value
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,12 +62,7 @@ class PatchAccount(_Body):
     grace_until: datetime | None = None
     log_content: bool | None = None
 
-    @field_validator("name", "state", "subscription_state", "plan", "log_content")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        if value is None:
-            raise ValueError("may not be null")
-        return value
+    _not_null = field_validator("name", "state", "subscription_state", "plan", "log_content")(reject_null)
 
 
 class CreateKey(_Body):
@@ -81,12 +83,7 @@ class PatchKey(_Body):
     risk: RiskSettings | None = None
     billing_policy: Literal["reject", "downgrade"] | None = None
 
-    @field_validator("state", "billing_policy")
-    @classmethod
-    def _not_null(cls, value: Any) -> Any:
-        if value is None:
-            raise ValueError("may not be null")
-        return value
+    _not_null = field_validator("state", "billing_policy")(reject_null)
 
 
 class PutBinding(_Body):
