@@ -3,8 +3,19 @@ request through and counts settlements, so tests can assert exactly-once settlem
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
 from trex_serve.gate import AdmitAsk, Principal, Settlement, Ticket
-from trex_serve.routing import Resolution
+from trex_serve.health import HealthTracker
+from trex_serve.http_app import build_http_app
+from trex_serve.pipeline import Pipeline
+from trex_serve.pool_server import PoolServer
+from trex_serve.relay import HttpRelay
+from trex_serve.routing import Planner, Resolution, RoutingTable
+from trex_serve.settings import Settings
 
 
 class CountingGate:
@@ -32,3 +43,42 @@ class CountingGate:
     async def settle(self, ticket, settlement: Settlement) -> int:
         self.settlements.append(settlement)
         return 0
+
+
+@asynccontextmanager
+async def data_path_client(catalog) -> AsyncIterator[httpx.AsyncClient]:
+    """The data path alone, in process: HTTP app → pipeline → relay hop (real HTTP) → pool server,
+    with this open gate and a health tracker fed by the pool's outcome reports. The client carries
+    ``.gate`` and ``.tracker`` for assertions."""
+    tracker = HealthTracker()
+    planner = Planner()
+    version = 0
+
+    def report(outcome) -> None:
+        nonlocal version
+        tracker.record(outcome)
+        version += 1
+        planner.update(RoutingTable(tracker.snapshot(), version))
+
+    pool = PoolServer({p.name: p for p in catalog.providers}, "s3cret", report)
+    port = await pool.start()
+
+    async def pick(provider, exclude):
+        return ("127.0.0.1", port)
+
+    relay = HttpRelay(pick, "s3cret")
+    gate = CountingGate(catalog)
+    pipeline = Pipeline(catalog, Settings(max_body_bytes=64 * 1024), gate, relay, planner)
+
+    async def ref():
+        return pipeline
+
+    try:
+        transport = httpx.ASGITransport(app=build_http_app(ref))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            client.gate = gate
+            client.tracker = tracker
+            yield client
+    finally:
+        await relay.close()
+        await pool.stop()

@@ -10,16 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.fakes import CountingGate
+from tests.fakes import data_path_client
 from tests.helpers import MockProcess
 from trex_serve.catalog import load_catalog
-from trex_serve.health import HealthTracker
-from trex_serve.http_app import build_http_app
-from trex_serve.pipeline import Pipeline
-from trex_serve.pool_server import PoolServer
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner, RoutingTable
-from trex_serve.settings import Settings
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -74,35 +67,8 @@ async def gateway(mocks, tmp_path):
     for m in mocks.values():
         m.reset()
     catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks["claude"], mocks["alpha"]))
-    tracker = HealthTracker()
-    planner = Planner()
-    version = 0
-
-    def report(outcome):
-        nonlocal version
-        tracker.record(outcome)
-        version += 1
-        planner.update(RoutingTable(tracker.snapshot(), version))
-
-    pool = PoolServer({p.name: p for p in catalog.providers}, "s3cret", report)
-    port = await pool.start()
-
-    async def pick(provider, exclude):
-        return ("127.0.0.1", port)
-
-    relay = HttpRelay(pick, "s3cret")
-    gate = CountingGate(catalog)
-    pipeline = Pipeline(catalog, Settings(max_body_bytes=64 * 1024), gate, relay, planner)
-
-    async def ref():
-        return pipeline
-
-    transport = httpx.ASGITransport(app=build_http_app(ref))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-        client.gate = gate
+    async with data_path_client(catalog) as client:
         yield client
-    await relay.close()
-    await pool.stop()
 
 
 def chat(**extra):
