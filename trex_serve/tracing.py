@@ -67,7 +67,7 @@ def setup(component: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({"trex.component": component})
+    resource = Resource.create({"trex.component": component, "process.pid": os.getpid()})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named the service.
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
