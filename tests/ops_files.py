@@ -22,7 +22,9 @@ _LABEL_TEMPLATE = re.compile(r"\{\{\s*\$labels\.([a-zA-Z_]+)\s*\}\}")
 
 
 def promtool() -> str | None:
-    return shutil.which("promtool")
+    """Prometheus's promtool: on PATH, or where scripts/bootstrap puts it."""
+    local = ROOT / ".venv" / "bin" / "promtool"
+    return shutil.which("promtool") or (str(local) if local.exists() else None)
 
 
 def metric_names(expr: str) -> set[str]:

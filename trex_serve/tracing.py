@@ -132,6 +132,9 @@ class _Step:
 
     def __exit__(self, _typ: Any, exc: BaseException | None, _tb: Any) -> None:
         span, ticket = self.span, self.call.ticket
+        if not span.is_recording():
+            span.end()
+            return
         if ticket is not None:
             span.set_attribute("trex.billing", ticket.billing)
             if ticket.downgraded:
@@ -176,12 +179,14 @@ def attempt_end(call: Any, open_stream: bool = False) -> None:
         return
     record = call.attempts[-1]
     span = trace.attempt
-    span.set_attribute("http.response.status_code", record["status"])
     error = record.get("error")
     if error:
-        span.set_attribute("error.type", error)
-        span.set_status(Status(StatusCode.ERROR, error))
         trace.last_failure = error
+    if span.is_recording():  # an unsampled span takes no attributes: skip building them
+        span.set_attribute("http.response.status_code", record["status"])
+        if error:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
     if not open_stream:
         span.end()
         trace.attempt = None
@@ -196,6 +201,9 @@ def finish(call: Any, rec: Any) -> None:
     if trace.attempt is not None:
         trace.attempt.end()
     span = trace.span
+    if not span.is_recording():
+        span.end()
+        return
     attrs: dict[str, Any] = {
         "http.response.status_code": rec.status, "gen_ai.request.model": rec.model_requested or "",
         "gen_ai.request.stream": rec.stream, "trex.attempts": rec.attempts, "trex.fallbacks": rec.fallbacks,
