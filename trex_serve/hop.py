@@ -33,6 +33,7 @@ class HopRequest:
     want_usage: bool
     body: bytes
     api_key: str | None = None
+    trace_headers: dict[str, str] | None = None  # W3C traceparent of the attempt's span, when tracing
 
 
 @dataclass

@@ -139,7 +139,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
-                                     upstream_key(request))
+                                     upstream_key(request), request.headers)
         return render(answer)
 
     @app.post("/v1/responses")
@@ -147,7 +147,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.responses(body, request.headers.get("authorization"),
-                                          ip(request, pipeline.settings), upstream_key(request))
+                                          ip(request, pipeline.settings), upstream_key(request), request.headers)
         return render(answer)
 
     @app.get("/v1/models")

@@ -49,6 +49,9 @@ CIRCUIT_STATES = ("closed", "open", "half_open")
 # Gauge families merged with max() instead of sum(): per-target views every replica shares.
 MAX_MERGED = frozenset({"trex_upstream_health_score", "trex_circuit_state"})
 REPLICAS_METRIC = "trex_ingress_replicas"
+COUNTER_STORE_UP = "trex_counter_store_up"
+# Written by `trex-serve billing reconcile`, read back on every scrape (trex_serve/reconcile.py).
+RECONCILE_KEY = "reconcile:last"
 
 
 class _WriterLike(Protocol):
@@ -76,6 +79,9 @@ class GatewayMetrics:
                               ["model", "provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.attempts = Counter("trex_upstream_attempts_total", "Upstream attempts by provider.", ["provider"],
                                 registry=r)
+        self.upstream_errors = Counter("trex_upstream_errors_total", "Failed upstream attempts by provider and "
+                                       "reason (http_<status>, timeout, connect, reset, ...).",
+                                       ["provider", "reason"], registry=r)
         self.fallbacks = Counter("trex_fallbacks_total", "Attempts beyond the first, by requested model.",
                                  ["model"], registry=r)
         self.rejections = Counter("trex_rejections_total", "Requests refused before any upstream attempt, "
@@ -116,6 +122,8 @@ class GatewayMetrics:
         if rec.attempt_detail:
             for attempt in rec.attempt_detail:
                 self.attempts.labels(_label(attempt.get("provider"))).inc()
+                if attempt.get("error"):
+                    self.upstream_errors.labels(_label(attempt.get("provider")), str(attempt["error"])).inc()
         elif rec.attempts > 0:
             self.attempts.labels(provider).inc(rec.attempts)
         if rec.fallbacks > 0:
@@ -312,16 +320,36 @@ class MetricsExchange:
 
     async def render(self) -> bytes:
         """The exposition covering every live replica (this one always with fresh numbers). If Redis
-        cannot be reached, this replica's numbers alone."""
+        cannot be reached, this replica's numbers alone, and ``trex_counter_store_up 0``."""
+        reconcile: dict[str, float] = {}
         try:
             snapshots = await self.live_snapshots()
+            reconcile = await self.last_reconcile()
+            store_up = 1.0
         except Exception:
             log.warning("metrics: reading replica snapshots from Redis failed", exc_info=True)
-            snapshots = {}
+            snapshots, store_up = {}, 0.0
         snapshots[self.replica_id] = self.metrics.exposition().decode()
         extra = {REPLICAS_METRIC: ("gauge", "Ingress replicas whose metrics are in this exposition.",
-                                   float(len(snapshots)))}
+                                   float(len(snapshots))),
+                 COUNTER_STORE_UP: ("gauge", "1 when this scrape could read the counter store (Redis), else 0.",
+                                    store_up),
+                 "trex_reconcile_mismatched_accounts": (
+                     "gauge", "Accounts whose Redis balance and SQL ledger disagreed (unfixed) at the last "
+                     "`trex-serve billing reconcile`.", reconcile.get("mismatched", 0.0)),
+                 "trex_reconcile_last_run_timestamp_seconds": (
+                     "gauge", "Unix time of the last `trex-serve billing reconcile` (0: never run).",
+                     reconcile.get("at", 0.0))}
         return merge_expositions(list(snapshots.values()), extra)
+
+    async def last_reconcile(self) -> dict[str, float]:
+        raw = await self.client.hgetall(f"{self.prefix}{RECONCILE_KEY}")
+        out: dict[str, float] = {}
+        for k, v in (raw or {}).items():
+            key = k.decode() if isinstance(k, bytes) else k
+            with contextlib.suppress(ValueError):
+                out[key] = float(v.decode() if isinstance(v, bytes) else v)
+        return out
 
 
 async def metrics_response(exchange: MetricsExchange) -> tuple[bytes, str]:

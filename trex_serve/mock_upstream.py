@@ -75,7 +75,7 @@ class MockUpstream:
         self.name = name
         self.faults = Faults()
         self.stats: dict[str, Any] = {"requests": 0, "by_status": {}, "last_auth": None, "last_model": None,
-                                      "last_body": None}
+                                      "last_body": None, "last_traceparent": None}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -106,7 +106,8 @@ class MockUpstream:
 
     async def reset(self, _request: web.Request) -> web.Response:
         self.faults = Faults()
-        self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None)
+        self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None,
+                          last_traceparent=None)
         return web.json_response({"ok": True})
 
     async def get_stats(self, _request: web.Request) -> web.Response:
@@ -126,6 +127,8 @@ class MockUpstream:
         """Apply the configured faults; a response means: answer this instead. `anthropic` shapes
         the key check and the error bodies the way Anthropic's Messages API does."""
         f = self.faults
+        # W3C trace context as a provider would receive it (tests check the trace reaches here).
+        self.stats["last_traceparent"] = request.headers.get("traceparent")
         if f.latency_ms:
             await asyncio.sleep(f.latency_ms / 1000)
         if f.hang_rate and random.random() < f.hang_rate:

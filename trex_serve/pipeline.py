@@ -7,13 +7,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from trex_serve import hop
+from trex_serve import hop, tracing
 from trex_serve.catalog import Catalog
 from trex_serve.errors import (
     BindingMissing,
@@ -63,6 +63,7 @@ class Call:
     ttfb_ms: float | None = None
     translate: bool = False
     response_request: dict[str, Any] | None = None
+    trace: tracing.RequestTrace | None = None
 
     def headers(self) -> dict[str, str]:
         h = {"X-Trex-Request-Id": self.request_id, "X-Trex-Attempts": str(len(self.attempts))}
@@ -127,15 +128,17 @@ class Pipeline:
             return self._error(call, exc)
 
     async def chat(self, raw: bytes, authorization: str | None, client_ip: str,
-                   upstream_key: str | None = None) -> Answer:
+                   upstream_key: str | None = None, trace_carrier: Mapping[str, str] | None = None) -> Answer:
         call = Call(new_request_id(), "chat", client_ip)
+        tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(call, raw, ChatCompletionRequest,
                                                                          authorization)
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
-            call.ticket, resolution = await self._admit(principal, ask, request)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, resolution = await self._admit(principal, ask, request)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
@@ -169,10 +172,12 @@ class Pipeline:
         return self._error(call, TrexError("The gateway hit an internal error.", status=500))
 
     async def responses(self, raw: bytes, authorization: str | None, client_ip: str,
-                        upstream_key: str | None = None) -> Answer:
+                        upstream_key: str | None = None, trace_carrier: Mapping[str, str] | None = None,
+                        ) -> Answer:
         """OpenAI Responses API: passed through to providers that speak it, translated to chat
         completions (and the answer back) for the others."""
         call = Call(new_request_id(), "responses", client_ip)
+        tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(call, raw, ResponsesRequest,
                                                                          authorization)
@@ -182,7 +187,8 @@ class Pipeline:
                 raise InvalidRequest(str(exc), param=exc.param) from None
             prompt_tokens = estimate_messages(chat_payload["messages"])
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses")
-            call.ticket, resolution = await self._admit(principal, ask, request)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, resolution = await self._admit(principal, ask, request)
             native = dict(payload)
             native.pop("trex", None)
             chat_payload.pop("trex", None)
@@ -259,6 +265,7 @@ class Pipeline:
             api, body = body_for(target)
             req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, api,
                                  call.stream, want_usage, body, key)
+            tracing.attempt_begin(call, target.provider, target.upstream_model, req)
             t0 = time.monotonic()
             try:
                 async with asyncio.timeout(remaining):
@@ -266,9 +273,11 @@ class Pipeline:
             except (TimeoutError, hop.ReplicaUnreachable) as exc:
                 failure = "timeout" if isinstance(exc, TimeoutError) else "pool_unreachable"
                 call.attempts.append(self._attempt(target, 504 if failure == "timeout" else 503, failure, t0))
+                tracing.attempt_end(call)
                 continue
             error = resp.failure or (None if resp.status == 200 else f"http_{resp.status}")
             call.attempts.append(self._attempt(target, resp.status, error, t0))
+            tracing.attempt_end(call, open_stream=resp.ok and resp.chunks is not None)
             if resp.ok:
                 call.served = target
                 # A Responses request served over chat completions is translated back here.
@@ -361,22 +370,24 @@ class Pipeline:
     async def _settle_failure(self, call: Call) -> None:
         if call.ticket is not None and call.ticket.lease_id is not None:
             ticket, call.ticket.lease_id = call.ticket, None
-            await self.gate.settle(ticket, Settlement(False))
+            with tracing.step(call, "trex.settlement"):
+                await self.gate.settle(ticket, Settlement(False))
 
     async def _settle(self, call: Call, ok: bool, usage: Usage, status: int, error: str | None) -> None:
         charged = 0
         if call.ticket is not None:
             target = call.served
-            charged = await self.gate.settle(call.ticket, Settlement(
-                ok, usage.prompt_tokens, usage.completion_tokens,
-                target.provider if target else None, target.upstream_model if target else None,
-                target.model.id if target else None))
+            with tracing.step(call, "trex.settlement"):
+                charged = await self.gate.settle(call.ticket, Settlement(
+                    ok, usage.prompt_tokens, usage.completion_tokens,
+                    target.provider if target else None, target.upstream_model if target else None,
+                    target.model.id if target else None))
             call.ticket.lease_id = None
         self._emit(call, status, error, usage, charged)
 
     def _emit(self, call: Call, status: int, error: str | None, usage: Usage | None, charged: int) -> None:
         p = call.principal
-        self.record(RequestRecord(
+        rec = RequestRecord(
             request_id=call.request_id, api=call.api, account_id=p.account_id if p else None,
             key_id=p.key_id if p else None, key_prefix=p.key_prefix if p else None,
             model_requested=call.model_requested,
@@ -387,4 +398,6 @@ class Pipeline:
             ttfb_ms=round(call.ttfb_ms, 3) if call.ttfb_ms is not None else None,
             tokens_in=usage.prompt_tokens if usage else 0, tokens_out=usage.completion_tokens if usage else 0,
             billing=call.ticket.billing if call.ticket else None, credits_charged=charged,
-            stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts)))
+            stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts))
+        tracing.finish(call, rec)
+        self.record(rec)

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from trex_serve import hop
+from trex_serve import hop, tracing
 from trex_serve.catalog import Provider
 from trex_serve.health import Outcome
 from trex_serve.providers import adapter_for
@@ -83,6 +83,7 @@ class PoolServer:
                                          enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",))
+        tracing.setup("pool")
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/relay", self.relay)
         app.router.add_get("/healthz", self._healthz)
@@ -116,7 +117,7 @@ class PoolServer:
             return web.Response(status=403, text="forbidden")
         self.inflight += 1
         try:
-            return await self._relay(request)
+            return await tracing.relayed(self._relay, request, self.providers, request.headers)
         finally:
             self.inflight -= 1
 
@@ -135,6 +136,7 @@ class PoolServer:
             return _failure(400, "bad_request", "hop body is not JSON")
         api_key = h.get(hop.H_KEY) or provider.managed_key()
         call = adapter.build(api, body, model, stream, api_key, provider)
+        tracing.inject(call.headers)
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)
 

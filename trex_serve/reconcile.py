@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from trex_serve.counters import CounterStore
+from trex_serve.metrics import RECONCILE_KEY
 from trex_serve.store.database import create_engine
 from trex_serve.store.repository import Repository
 
@@ -30,6 +32,9 @@ async def reconcile(database_url: str, redis_url: str, secret_key: str, fix: boo
                 row["fixed"] = True
             rows.append(row)
         mismatched = [r for r in rows if r["difference_micro"] not in (0, None)]
+        # The gateway's /metrics shows the outcome (trex_reconcile_*), so an alert can page on it.
+        await counters.client.hset(f"{prefix}{RECONCILE_KEY}", mapping={
+            "at": time.time(), "accounts": len(rows), "mismatched": 0 if fix else len(mismatched)})
         return {"accounts": len(rows), "mismatched": len(mismatched), "not_loaded": sum(
             1 for r in rows if r["redis_micro"] is None), "rows": mismatched if mismatched else rows[:20]}
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from trex_serve import billing
+from trex_serve import billing, tracing
 from trex_serve.admin_api import build_admin_router
 from trex_serve.catalog import Catalog, load_catalog
 from trex_serve.counters import CounterStore
@@ -64,6 +64,7 @@ class Runtime:
         return runtime
 
     def start(self) -> None:
+        tracing.setup("ingress")
         for writer in (self.logs, self.ledger, self.risk_events):
             writer.start()
         self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
@@ -81,6 +82,8 @@ class Runtime:
             await writer.close()
         await self.metrics_exchange.stop()
         await self.counters.aclose()
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.flush)
 
     async def purge_old_logs(self) -> int:
         """Delete request logs older than TREX_LOG_RETENTION_DAYS (0 keeps them forever)."""
