@@ -243,7 +243,7 @@ class Pipeline:
 
     def _managed(self, provider: str) -> bool:
         p = self.catalog.provider(provider)
-        return p is not None and (p.api_key_env is None or p.managed_key() is not None)
+        return p is not None and p.managed_route
 
     async def _attempts(self, call: Call, resolution: Resolution,
                         body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool,
