@@ -31,7 +31,8 @@ class Ingress:
         self.planner = Planner()
         self.runtime = await Runtime.create(args)
         self.relay = HttpRelay(self._pick, args["pool_secret"])
-        pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate, self.relay,
+        pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate,
+                            self.runtime.keyed(self.relay),
                             self.planner, self.runtime.record)
         self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())

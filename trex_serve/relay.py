@@ -74,6 +74,8 @@ class HttpRelay:
             if not valid_upstream_key(req.api_key):
                 return invalid_key_response()
             headers[hop.H_KEY] = req.api_key
+        elif req.key_id:
+            headers[hop.H_KEY_ID] = req.key_id
         tried: set[tuple[str, int]] = set()
         last: Exception | None = None
         for attempt in range(self.replica_tries):
