@@ -164,6 +164,10 @@ class KeyedCaller:
             except Exception:  # the estimate stays: budgets err on the safe side
                 log.warning("could not true up the TPM of key %s of %s", key_id, provider, exc_info=True)
 
+    def ready(self, provider: str) -> list[UpstreamKey]:
+        """The provider's managed keys whose variable is set in this process."""
+        return list(self._ready.get(provider, ()))
+
     @property
     def keyed(self) -> bool:
         return bool(self._ready)

@@ -55,9 +55,11 @@ class Runtime:
 
     async def _key_out(self, provider: str, key_id: str, status: int) -> None:
         spec = self.catalog.provider(provider)
-        await asyncio.to_thread(self.repo.add_audit, "system", "upstream_key.out", "upstream_key",
-                                f"{provider}/{key_id}", None, None,
-                                {"status": status, "out_for_s": spec.key_out_s if spec else None})
+        await self._key_audit("system", "upstream_key.out", f"{provider}/{key_id}",
+                              {"status": status, "out_for_s": spec.key_out_s if spec else None})
+
+    async def _key_audit(self, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.repo.add_audit, actor, action, "upstream_key", target, None, None, detail)
 
     @classmethod
     async def create(cls, args: dict[str, Any] | None = None) -> Runtime:
@@ -185,7 +187,11 @@ class Runtime:
             on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))
         from trex_serve.account_api import build_account_router
         from trex_serve.dashboard import build_dashboard_router
+        from trex_serve.upstream_keys_api import build_upstream_keys_router
 
+        app.include_router(build_upstream_keys_router(
+            self.settings.admin_token, lambda: self.key_caller,
+            lambda action, target, detail: self._key_audit("operator", action, target, detail)))
         app.include_router(build_account_router(self))
         app.include_router(build_dashboard_router())
         return app

@@ -80,6 +80,12 @@ class KeyStore:
         ms = max(1, int(seconds * 1000))
         return bool(await self._mark(args=[self.prefix, provider, key_id, "out", ms, ""]))
 
+    async def reinstate(self, provider: str, key_id: str) -> bool:
+        """An operator puts the key back at once (a rotated secret, a lifted limit). True when it
+        was cooling or out."""
+        base = f"{self.prefix}uk:{provider}:{key_id}:"
+        return bool(await self.client.delete(base + "cool", base + "out"))
+
     async def used_tokens(self, provider: str, key_id: str, member: str, tokens: int) -> None:
         await self._mark(args=[self.prefix, provider, key_id, "tokens", max(0, int(tokens)), member])
 

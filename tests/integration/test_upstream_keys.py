@@ -251,3 +251,30 @@ async def test_tpm_budget_reserves_the_estimate_and_is_trued_up_to_real_usage(re
         assert (await store.pick("p", [key], "r3", 40)).key == key
     finally:
         await client.aclose()
+
+
+async def test_operator_lists_key_states_and_reinstates_a_key_that_was_taken_out(
+        mocks, tmp_path, redis_url, key_prefix, key_env):
+    async with AsyncExitStack() as stack:
+        r = await _replicas(stack, tmp_path, mocks, redis_url, key_prefix)
+        accounts = await r.accounts_including("key-a", 4)
+        on_a = next(k for a, k in accounts if r.first_key(a) == "key-a")
+        mocks["alpha"].control(key_faults={SECRETS["key-a"]: {"status": 403}})
+        assert (await _chat(r.gw, on_a)).status_code == 200
+        assert (await r.gw.get("/admin/v1/upstream-keys")).status_code == 401  # operator only
+        listed = (await r.gw.get("/admin/v1/upstream-keys", headers=OP)).json()["data"]
+        assert not any(secret in repr(listed) for secret in SECRETS.values())
+        states = {row["id"]: (row["state"], row["configured"], row["weight"]) for row in listed}
+        assert states == {"key-a": ("out", True, 1.0), "key-b": ("active", True, 1.0),
+                          "key-c": ("active", True, 2.0)}
+        missing = await r.gw.post("/admin/v1/upstream-keys/pooled/nope/reinstate", headers=OP)
+        assert missing.status_code == 404
+        mocks["alpha"].control(key_faults={})  # the operator fixed the key at the provider
+        back = await r.gw.post("/admin/v1/upstream-keys/pooled/key-a/reinstate", headers=OP)
+        assert back.json() == {"provider": "pooled", "id": "key-a", "state": "active", "was_cooling_or_out": True}
+        before = _received(mocks["alpha"])["key-a"]
+        assert (await _chat(r.gw, on_a)).status_code == 200
+        assert _received(mocks["alpha"])["key-a"] == before + 1  # the account is back on its own key
+        audit = (await r.gw.get("/admin/v1/audit?limit=10", headers=OP)).json()["data"]
+        assert [(a["actor"], a["action"]) for a in audit if a["target_id"] == "pooled/key-a"] == [
+            ("operator", "upstream_key.reinstate"), ("system", "upstream_key.out")]
