@@ -85,6 +85,7 @@ class KeyedCaller:
         spec: Provider = self.catalog.provider(req.provider)  # type: ignore[assignment]
         order = rendezvous_order(req.account_id or req.request_id, keys)
         failed: list[dict[str, Any]] = []
+        soonest: float | None = None  # the shortest Retry-After among this request's 429s
         while order:
             member = f"{req.request_id}:{next(self._seq)}"
             pick = await self.store.pick(spec.name, order, member, req.tokens_estimate)
@@ -103,13 +104,16 @@ class KeyedCaller:
                                "error": resp.failure or f"http_{resp.status}", "key": key.key_id,
                                "latency_ms": round((time.monotonic() - t0) * 1000, 2)})
                 order = [k for k in order if k.key_id != key.key_id]
+                if resp.status == 429:
+                    wait = resp.retry_after or spec.key_cooldown_s
+                    soonest = wait if soonest is None else min(soonest, wait)
                 continue
             resp.extra["key"] = key.key_id
             resp.extra["key_attempts"] = failed
             if key.tpm and resp.ok:
                 await self._true_up(spec.name, key, member, resp)
             return resp
-        resp = _exhausted(spec.name, None)
+        resp = _exhausted(spec.name, soonest)
         resp.extra["key_attempts"] = failed
         return resp
 

@@ -21,11 +21,11 @@ SECRETS = {"key-a": "sk-test-aaaa-0123456789", "key-b": "sk-test-bbbb-0123456789
            "key-c": "sk-test-cccc-0123456789"}
 
 
-def _catalog(path, mocks, rpm: dict[str, int] | None = None):
-    rpm = rpm or {}
+def _catalog(path, mocks, rpm: dict[str, int] | None = None, tpm: dict[str, int] | None = None):
+    rpm, tpm = rpm or {}, tpm or {}
 
     def budget(k: str) -> str:
-        return f", rpm: {rpm[k]}" if k in rpm else ""
+        return (f", rpm: {rpm[k]}" if k in rpm else "") + (f", tpm: {tpm[k]}" if k in tpm else "")
 
     path.write_text(f"""
 providers:
@@ -88,10 +88,10 @@ class Replicas:
         return [k.key_id for k in rendezvous_order(account_id, self.catalog.provider("pooled").keys)]
 
 
-async def _replicas(stack, tmp_path, mocks, redis_url, key_prefix, count=1, rpm=None) -> Replicas:
+async def _replicas(stack, tmp_path, mocks, redis_url, key_prefix, count=1, rpm=None, tpm=None) -> Replicas:
     for m in mocks.values():
         m.reset()
-    catalog = _catalog(tmp_path / "catalog.yaml", mocks, rpm)
+    catalog = _catalog(tmp_path / "catalog.yaml", mocks, rpm, tpm)
     settings = Settings(catalog_path="", database_url=f"sqlite:///{tmp_path / 'trex.db'}", redis_url=redis_url,
                         admin_token="op", secret_key="test-secret")
     clients = []
@@ -202,11 +202,14 @@ async def test_with_no_other_provider_a_pool_of_cooling_keys_answers_503_with_re
         r = await _replicas(stack, tmp_path, mocks, redis_url, key_prefix)
         [(_account_id, key)] = await r.accounts(1)
         mocks["alpha"].control(key_faults={s: {"status": 429, "retry_after": 20} for s in SECRETS.values()})
-        await _chat(r.gw, key)  # cools all three keys
-        resp = await r.gw.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                               json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
-                                     "trex": {"routing": {"allow_fallbacks": False}}})
-        assert resp.status_code == 503, resp.text
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                "trex": {"routing": {"allow_fallbacks": False}}}
+        first = await r.gw.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
+        assert first.status_code == 502, first.text  # three keys tried, three 429s
+        assert [a["key"] for a in first.json()["error"]["trex"]["attempts"]] == r.order(_account_id)
+        assert first.headers["Retry-After"] == "20"
+        resp = await r.gw.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body)
+        assert resp.status_code == 503, resp.text  # every key cooling: nothing tried
         assert resp.json()["error"]["code"] == "upstream_unavailable"
         assert 1 <= int(resp.headers["Retry-After"]) <= 21
 
@@ -278,3 +281,31 @@ async def test_operator_lists_key_states_and_reinstates_a_key_that_was_taken_out
         audit = (await r.gw.get("/admin/v1/audit?limit=10", headers=OP)).json()["data"]
         assert [(a["actor"], a["action"]) for a in audit if a["target_id"] == "pooled/key-a"] == [
             ("operator", "upstream_key.reinstate"), ("system", "upstream_key.out")]
+
+
+async def test_a_stream_on_a_budgeted_key_moves_off_a_429_and_its_tpm_is_trued_up_to_the_usage(
+        mocks, tmp_path, redis_url, key_prefix, key_env):
+    import redis.asyncio as aioredis
+
+    async with AsyncExitStack() as stack:
+        r = await _replicas(stack, tmp_path, mocks, redis_url, key_prefix, tpm={k: 100000 for k in SECRETS})
+        accounts = await r.accounts_including("key-b", 2)
+        account_id, key = next((a, k) for a, k in accounts if r.first_key(a) == "key-b")
+        mocks["alpha"].control(key_faults={SECRETS["key-b"]: {"status": 429, "retry_after": 30}})
+        resp = await r.gw.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"model": "gpt-4o-mini", "stream": True, "max_tokens": 500,
+                                     "stream_options": {"include_usage": True},
+                                     "messages": [{"role": "user", "content": "stream please"}]})
+        assert resp.status_code == 200 and resp.headers["X-Trex-Upstream-Provider"] == "pooled"
+        assert resp.headers["X-Trex-Attempts"] == "2" and "data: [DONE]" in resp.text
+        usage = [line for line in resp.text.splitlines() if '"usage":{' in line][-1]
+        used = sum(int(usage.split(f'"{f}":')[1].split(",")[0].split("}")[0])
+                   for f in ("prompt_tokens", "completion_tokens"))
+        second = r.order(account_id)[1]
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            logged = await client.hvals(f"{key_prefix}uk:pooled:{second}:tpmv")
+        finally:
+            await client.aclose()
+        assert [int(v) for v in logged] == [used]  # not the 500+ tokens reserved at the pick
+        assert used < 500
