@@ -252,6 +252,14 @@ async def test_tpm_budget_reserves_the_estimate_and_is_trued_up_to_real_usage(re
         assert refused.key is None and refused.skipped == (("k1", "tpm"),) and refused.wait_s > 0
         await store.used_tokens("p", "k1", "r1", 10)  # r1 really used 10 tokens
         assert (await store.pick("p", [key], "r3", 40)).key == key
+        # A rolling minute: use leaves the window 60 s after its pick, never earlier.
+        slow = UpstreamKey(env="X", id="k2", rpm=2, tpm=100)
+        assert (await store.pick("p", [slow], "s1", 60, now=1000.0)).key == slow
+        assert (await store.pick("p", [slow], "s2", 30, now=1030.0)).key == slow
+        assert (await store.pick("p", [slow], "s3", 30, now=1059.0)).skipped == (("k2", "rpm"),)
+        late = await store.pick("p", [slow], "s3", 50, now=1060.5)  # s1 left: 30 of 100 used, 1 of 2 requests
+        assert late.key == slow
+        assert (await store.pick("p", [slow], "s4", 1, now=1061.0)).skipped == (("k2", "rpm"),)
     finally:
         await client.aclose()
 

@@ -16,10 +16,10 @@ elseif op == 'out' then
   if redis.call('SET', K .. 'out', '1', 'NX', 'PX', value) then return 1 end
   return 0
 elseif op == 'tokens' then
-  if redis.call('HEXISTS', K .. 'tpmv', ARGV[6]) == 1 then
-    redis.call('HSET', K .. 'tpmv', ARGV[6], string.format('%d', value))
-    return 1
-  end
-  return 0
+  local before = redis.call('HGET', K .. 'tpmv', ARGV[6])
+  if not before then return 0 end  -- already out of the window
+  redis.call('HSET', K .. 'tpmv', ARGV[6], string.format('%d', value))
+  redis.call('INCRBY', K .. 'tpms', string.format('%d', value - tonumber(before)))
+  return 1
 end
 return redis.error_reply('upkey_mark: unknown op ' .. tostring(op))

@@ -51,13 +51,18 @@ for i = 1, n do
     end
   end
   if usable and tpm > 0 then
-    local gone = redis.call('ZRANGEBYSCORE', K .. 'tpm', '-inf', horizon)
-    if #gone > 0 then
+    -- The window's total is kept in 'tpms' (no scan of the log per pick): entries leaving the
+    -- window are subtracted, in chunks that stay within Lua's stack for unpack().
+    while true do
+      local gone = redis.call('ZRANGEBYSCORE', K .. 'tpm', '-inf', horizon, 'LIMIT', 0, 500)
+      if #gone == 0 then break end
+      local freed = 0
+      for _, v in ipairs(redis.call('HMGET', K .. 'tpmv', unpack(gone))) do freed = freed + (tonumber(v) or 0) end
       redis.call('HDEL', K .. 'tpmv', unpack(gone))
-      redis.call('ZREMRANGEBYSCORE', K .. 'tpm', '-inf', horizon)
+      redis.call('ZREM', K .. 'tpm', unpack(gone))
+      if freed > 0 then redis.call('DECRBY', K .. 'tpms', freed) end
     end
-    local used = 0
-    for _, v in ipairs(redis.call('HVALS', K .. 'tpmv')) do used = used + tonumber(v) end
+    local used = tonumber(redis.call('GET', K .. 'tpms') or '0') or 0
     if used + est > tpm then
       usable = false; skipped[#skipped + 1] = id .. '=tpm'; waited(oldest_ms(K .. 'tpm'))
     end
@@ -70,8 +75,8 @@ for i = 1, n do
     if tpm > 0 then
       redis.call('ZADD', K .. 'tpm', stamp, member)
       redis.call('HSET', K .. 'tpmv', member, string.format('%d', est))
-      redis.call('PEXPIRE', K .. 'tpm', 61000)
-      redis.call('PEXPIRE', K .. 'tpmv', 61000)
+      redis.call('INCRBY', K .. 'tpms', string.format('%d', est))
+      for _, suffix in ipairs({'tpm', 'tpmv', 'tpms'}) do redis.call('PEXPIRE', K .. suffix, 61000) end
     end
     return {i, wait, skipped}
   end
