@@ -10,6 +10,7 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.logs import route_core_logs
 from trex_serve import replica_state
 from trex_serve.http_app import build_http_app
 from trex_serve.pipeline import Pipeline
@@ -26,12 +27,14 @@ http_app = build_http_app(replica_state.pipeline, replica_state.admin_app)
 @serve.ingress(http_app)
 class Ingress:
     async def __init__(self, args: dict, pools: dict[str, DeploymentHandle], router: DeploymentHandle) -> None:
+        route_core_logs()
         self.pools = pools
         self.router = router
         self.planner = Planner()
         self.runtime = await Runtime.create(args)
         self.relay = HttpRelay(self._pick, args["pool_secret"])
-        pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate, self.relay,
+        pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate,
+                            self.runtime.keyed(self.relay),
                             self.planner, self.runtime.record)
         self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())

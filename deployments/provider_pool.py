@@ -10,6 +10,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
 from trex_serve.health import Outcome
 from trex_serve.pool_server import PoolServer
@@ -32,6 +33,7 @@ def inflight_policy(ctx) -> tuple[float, dict]:
 class ProviderPool:
     async def __init__(self, provider: str, catalog_path: str, secret: str, router: DeploymentHandle,
                        report_interval_s: float = 0.25, catalog_sha: str = "") -> None:
+        route_core_logs()
         catalog = load_catalog(catalog_path)
         spec = catalog.provider(provider)
         if spec is None:

@@ -3,7 +3,7 @@
     python -m loadtests.run SUITE --users N --spawn-rate R --run-time 10s \\
         --host http://127.0.0.1:8000 --admin-token T --catalog config/catalog.yaml
 
-SUITE is one of: steady, fallback, limits, billing, replica_loss (see loadtests/README.md).
+SUITE is one of: steady, fallback, limits, billing, replica_loss, keys (see loadtests/README.md).
 The harness prepares what the suite needs through the operator API (an account of its own, keys with
 limits, credits), runs Locust programmatically (no web UI), switches mock-upstream faults mid-run where
 the suite says so, prints req/s, p50/p95/p99 and TTFB, then checks the suite's assertions: exit 0 when
@@ -28,13 +28,14 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import requests  # noqa: E402
 import yaml  # noqa: E402
 from locust import constant, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from loadtests.common import RECORDER, Admin, Mock, Record, TrexUser, percentile  # noqa: E402
 
-SUITES = ("steady", "fallback", "limits", "billing", "replica_loss")
+SUITES = ("steady", "fallback", "limits", "billing", "replica_loss", "keys")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -519,6 +520,62 @@ class ReplicaLoss(Suite):
                          f"killed pid {ctx.extra.get('killed')}; errors {dict(errors)}")
 
 
+class Keys(Suite):
+    """Several managed keys on the primary (catalog ``keys``), many accounts. Mid-run one key is
+    switched to 429 on the mock (matched by the credential it receives, read from the key's
+    environment variable, which the harness must share with the gateway). Checked: no client
+    error, nothing falls back to another provider, the hot key receives at most one request per
+    user after the switch (its cool-down is shared through Redis), the other keys take its share,
+    and /metrics shows it cooling."""
+
+    def prepare(self):
+        spec = self.ctx.catalog.providers[self.ctx.primary]
+        keys = spec.get("keys") or []
+        if len(keys) < 2:
+            raise SystemExit(f"keys: provider {self.ctx.primary} has fewer than two managed keys in the catalog")
+        self.secrets = {k.get("id") or k["env"]: os.environ.get(k["env"], "") for k in keys}
+        if not all(self.secrets.values()):
+            raise SystemExit("keys: the harness needs the managed keys' environment variables of the gateway")
+        hot = self.args.hot_key or next(iter(self.secrets))
+        self.hot = hot
+        self.fault_at = self.args.run_time * 0.3
+        accounts = [self.ctx.admin.create_account(f"load-keys-{uuid.uuid4().hex[:6]}", self.args.plan)
+                    for _ in range(self.args.key_accounts)]
+        self.ctx.account = accounts[0]
+        self.ctx.keys = [self.ctx.admin.create_key(a["id"], "load-keys") for a in accounts]
+        self.mock = self.ctx.catalog.mock(self.ctx.primary)
+        self.mock.reset()
+        model = self.ctx.standard
+        return user_class(self.ctx, "KeysUser", lambda u: u.mixed(model, content="keys load"))
+
+    def _received(self) -> dict[str, int]:
+        by_secret = self.mock.stats().get("by_key", {})
+        return {kid: by_secret.get(secret, 0) for kid, secret in self.secrets.items()}
+
+    def during(self, elapsed):
+        if elapsed >= self.fault_at and "fault" not in self.ctx.marks:
+            self.before = self._received()
+            self.mock.control(key_faults={self.secrets[self.hot]: {"status": 429, "retry_after": 600}})
+            self.ctx.mark("fault")
+
+    def check(self, recs):
+        self.all_ok(recs, "keys (one key at 429, the others healthy)")
+        others = [r for r in recs if r.provider != self.ctx.primary]
+        self.ctx.check(not others, f"keys: {len(others)} requests left {self.ctx.primary} although keys were healthy")
+        after = self._received()
+        hot_after = after[self.hot] - self.before[self.hot]
+        self.ctx.check(hot_after <= self.args.users,
+                       f"keys: {self.hot} received {hot_after} requests after its 429 (bound {self.args.users})")
+        moved = {k: after[k] - self.before[k] for k in after if k != self.hot}
+        self.ctx.check(sum(moved.values()) > 0, "keys: no other key served after the switch")
+        metrics = requests.get(f"{self.args.host}/metrics", timeout=10).text
+        line = f'trex_upstream_key_state{{key="{self.hot}",provider="{self.ctx.primary}",state="cooling"}} 1.0'
+        self.ctx.check(line in metrics, f"keys: /metrics does not show {self.hot} cooling")
+        self.ctx.check(not any(v in metrics for v in self.secrets.values()), "keys: a key's secret is in /metrics")
+        self.ctx.notes.append(f"per key before the switch {self.before}; after it {self.hot} +{hot_after}, "
+                              f"others {moved}")
+
+
 def _seconds(value: str | None) -> float | None:
     if not value:
         return None
@@ -558,7 +615,7 @@ def find_replica_pids(title: str, host: str) -> list[int]:
 
 
 SUITE_CLASSES: dict[str, type[Suite]] = {"steady": Steady, "fallback": Fallback, "limits": Limits,
-                                          "billing": Billing, "replica_loss": ReplicaLoss}
+                                          "billing": Billing, "replica_loss": ReplicaLoss, "keys": Keys}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -611,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backup-error-rate", type=float, default=0.1, help="billing: backup error rate")
     p.add_argument("--settle-timeout", type=float, default=20.0)
     p.add_argument("--hang-bound", type=float, default=10.0, help="replica_loss: no request over this (s)")
+    p.add_argument("--key-accounts", type=int, default=12, help="keys: accounts (each sticks to one key)")
+    p.add_argument("--hot-key", default=None, help="keys: id of the key switched to 429 (default the first)")
     return p
 
 

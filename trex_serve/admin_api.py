@@ -139,6 +139,21 @@ def _int_query(request: Request, name: str, default: int, lo: int = 1, hi: int =
     return value
 
 
+def operator_guard(admin_token: str) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency admitting only ``Authorization: Bearer <admin_token>``."""
+    token_bytes = admin_token.encode("utf-8") if admin_token else b""
+
+    async def require_operator(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if not token_bytes:
+            raise AuthError("The operator API is disabled: TREX_ADMIN_TOKEN is not set.")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8"), token_bytes):
+            raise AuthError("Invalid or missing operator token.")
+
+    return require_operator
+
+
 def build_admin_router(
     repo: Repository,
     admin_token: str,
@@ -158,17 +173,7 @@ def build_admin_router(
       live balance).
     - ``known_providers()`` lists catalog providers; when given, bindings to others are refused.
     """
-    token_bytes = admin_token.encode("utf-8") if admin_token else b""
-
-    async def require_operator(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if not token_bytes:
-            raise AuthError("The operator API is disabled: TREX_ADMIN_TOKEN is not set.")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8"), token_bytes):
-            raise AuthError("Invalid or missing operator token.")
-
-    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_operator)], tags=["admin"])
+    router = APIRouter(prefix="/admin/v1", dependencies=[Depends(operator_guard(admin_token))], tags=["admin"])
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

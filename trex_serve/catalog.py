@@ -25,6 +25,24 @@ class PoolSizing(_Strict):
     max_concurrency: int = Field(default=1024, ge=1)
 
 
+class UpstreamKey(_Strict):
+    """One of the operator's keys at a provider. The secret stays in the environment of the pool
+    that sends it; ``id`` (default: the variable's name) is what logs, errors and metrics show."""
+
+    env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    weight: float = Field(default=1.0, gt=0)
+    rpm: int | None = Field(default=None, ge=1)  # the key's request budget at the provider, per minute
+    tpm: int | None = Field(default=None, ge=1)  # its token budget per minute
+
+    @property
+    def key_id(self) -> str:
+        return self.id or self.env
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.env) or None
+
+
 class Provider(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
     base_url: str
@@ -37,13 +55,44 @@ class Provider(_Strict):
     max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
     pool: PoolSizing = Field(default_factory=PoolSizing)
+    # Several managed keys (docs/KEYS.md): accounts stick to one, a key answering 429 cools alone
+    # (``key_cooldown_s`` when the upstream names no Retry-After), one answering 401/403 is out
+    # for ``key_out_s`` before it is tried again.
+    keys: list[UpstreamKey] = Field(default_factory=list)
+    key_cooldown_s: float = Field(default=30.0, gt=0)
+    key_out_s: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Provider:
+        if self.keys and self.api_key_env:
+            raise ValueError("api_key_env and keys are exclusive: list the single key under keys")
+        ids = [k.key_id for k in self.keys]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"keys: duplicate key id in {ids}")
+        return self
+
+    def model_post_init(self, _ctx: Any) -> None:
+        self._keys = {k.key_id: k for k in self.keys}
+
+    def upstream_key(self, key_id: str) -> UpstreamKey | None:
+        return self._keys.get(key_id)
 
     @property
     def first_byte_timeout(self) -> float:
         return self.first_byte_timeout_s or self.timeout_s
 
+    @property
+    def managed_route(self) -> bool:
+        """Whether a request may go here without a key of the account's own."""
+        if self.keys:
+            return any(k.secret() for k in self.keys)
+        return self.api_key_env is None or self.managed_key() is not None
+
     def managed_key(self) -> str | None:
         """The operator's own key for this provider, when the catalog names one and it is set."""
+        if self.keys:
+            # Some key of the pool is set: which one a request uses is chosen per request.
+            return next((k.secret() for k in self.keys if k.secret()), None)
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None

@@ -221,6 +221,14 @@ def _audit(args: argparse.Namespace) -> int:
     return request(args, "GET", "/audit", query={"limit": args.limit, "account_id": args.account_id})
 
 
+def _upstream_keys_list(args: argparse.Namespace) -> int:
+    return request(args, "GET", "/upstream-keys")
+
+
+def _upstream_keys_reinstate(args: argparse.Namespace) -> int:
+    return request(args, "POST", f"/upstream-keys/{args.provider}/{args.key_id}/reinstate")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -335,6 +343,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("account_id")
     p.add_argument("amount", type=float, help="credits (> 0)")
     p.add_argument("--reason")
+
+    upstream = subparsers.add_parser("upstream-keys", help="managed provider keys (operator API)")
+    up_sub = upstream.add_subparsers(dest="upstream_keys_command", metavar="{list,reinstate}")
+    up_sub.required = True
+    _leaf(up_sub, "list", _upstream_keys_list, "every managed key with its state (never its secret)")
+    p = _leaf(up_sub, "reinstate", _upstream_keys_reinstate, "put a cooling or out key back at once")
+    p.add_argument("provider")
+    p.add_argument("key_id")
 
     p = _leaf(subparsers, "audit", _audit, "the control-plane audit log, newest first")
     p.add_argument("--limit", type=int, default=50)

@@ -11,6 +11,7 @@ H_REQUEST_ID = "X-Trex-Request-Id"
 H_PROVIDER = "X-Trex-Provider"
 H_MODEL = "X-Trex-Upstream-Model"
 H_KEY = "X-Trex-Upstream-Key"
+H_KEY_ID = "X-Trex-Upstream-Key-Id"  # which of the provider's managed keys the pool sends (an id, not a secret)
 H_API = "X-Trex-Api"
 H_STREAM = "X-Trex-Stream"
 H_WANT_USAGE = "X-Trex-Want-Usage"
@@ -34,6 +35,9 @@ class HopRequest:
     body: bytes
     api_key: str | None = None
     trace_headers: dict[str, str] | None = None  # W3C traceparent of the attempt's span, when tracing
+    key_id: str | None = None  # one of the provider's managed keys, chosen by the ingress
+    account_id: str | None = None  # who asks: keeps an account on one managed key
+    tokens_estimate: int = 0  # prompt + max output, for a managed key's TPM budget
 
 
 @dataclass

@@ -170,7 +170,7 @@ class KeyGate:
 
     def _callable(self, provider: str, bound: frozenset[str]) -> bool:
         spec = self.catalog.provider(provider)
-        return spec is not None and (provider in bound or spec.api_key_env is None or spec.managed_key() is not None)
+        return spec is not None and (provider in bound or spec.managed_route)
 
     def visible_models(self, principal: Principal) -> list[str]:
         ids = [SMART_AUTO] + [m.id for m in self.catalog.models]
@@ -286,7 +286,9 @@ class KeyGate:
             if secret:
                 return secret
         spec = self.catalog.provider(provider)
-        return spec.managed_key() if spec is not None else None
+        if spec is None or spec.keys:
+            return None  # a pool of managed keys: the key is chosen per request, its secret stays in the pool
+        return spec.managed_key()
 
     # ---- settlement ----------------------------------------------------------------------------
 

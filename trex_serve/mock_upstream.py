@@ -10,7 +10,8 @@ import asyncio
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -37,6 +38,11 @@ class Faults:
     endless_stream: bool = False     # chat streams never end (paced by token_interval_ms)
     giant_sse_line_bytes: int = 0    # chat streams: after the first chunk, one SSE line this long, no newline
     echo_key_in_errors: bool = False  # error messages quote the credential received (as some providers do)
+    # Per credential received (the bearer token, or x-api-key): {"sk-b": {"status": 429, "retry_after": 5}}
+    # answers that status to that key alone; key_rpm {"sk-a": 20} refuses a key's 21st request in any
+    # rolling 60 s with 429, as a provider enforcing the key's budget would (counted in rpm_refused).
+    key_faults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    key_rpm: dict[str, int] = field(default_factory=dict)
 
 
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -75,7 +81,8 @@ class MockUpstream:
         self.name = name
         self.faults = Faults()
         self.stats: dict[str, Any] = {"requests": 0, "by_status": {}, "last_auth": None, "last_model": None,
-                                      "last_body": None, "last_traceparent": None}
+                                      "last_body": None, "last_traceparent": None, "by_key": {}, "rpm_refused": {}}
+        self._key_log: dict[str, deque[float]] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -107,7 +114,8 @@ class MockUpstream:
     async def reset(self, _request: web.Request) -> web.Response:
         self.faults = Faults()
         self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None,
-                          last_traceparent=None)
+                          last_traceparent=None, by_key={}, rpm_refused={})
+        self._key_log = {}
         return web.json_response({"ok": True})
 
     async def get_stats(self, _request: web.Request) -> web.Response:
@@ -136,6 +144,9 @@ class MockUpstream:
         if f.reset_rate and random.random() < f.reset_rate:
             request.transport.close()  # type: ignore[union-attr]
             raise asyncio.CancelledError
+        keyed = self._key_fault(request, anthropic)
+        if keyed is not None:
+            return keyed
         if anthropic:
             if f.require_key and request.headers.get("x-api-key") != f.require_key:
                 self._count(401)
@@ -160,6 +171,36 @@ class MockUpstream:
                                                 "type": code, "code": code}},
                                      status=f.error_status, headers=headers)
         return None
+
+    def _key_fault(self, request: web.Request, anthropic: bool) -> web.Response | None:
+        """Count the credential received; answer its per-key fault or its rpm refusal, if any."""
+        key = request.headers.get("x-api-key", "") if anthropic else request.headers.get("Authorization", "")[7:]
+        by_key = self.stats["by_key"]
+        by_key[key] = by_key.get(key, 0) + 1
+        rule = self.faults.key_faults.get(key)
+        status, retry_after = None, None
+        if rule:
+            status, retry_after = int(rule.get("status", 429)), rule.get("retry_after")
+        elif key in self.faults.key_rpm:
+            now = time.monotonic()
+            log = self._key_log.setdefault(key, deque())
+            while log and log[0] <= now - 60:
+                log.popleft()
+            if len(log) >= int(self.faults.key_rpm[key]):
+                refused = self.stats["rpm_refused"]
+                refused[key] = refused.get(key, 0) + 1
+                status, retry_after = 429, max(1, int(log[0] + 60 - now))
+            else:
+                log.append(now)
+        if status is None:
+            return None
+        self._count(status)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+        if anthropic:
+            return _anthropic_error(status, f"{self.name}: key refused with {status}", headers)
+        code = {429: "rate_limit_exceeded", 401: "invalid_api_key", 403: "permission_denied"}.get(status, "error")
+        return web.json_response({"error": {"message": f"{self.name}: key refused with {status}", "type": code,
+                                            "code": code}}, status=status, headers=headers)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1

@@ -24,6 +24,7 @@ from trex_serve.errors import (
     UpstreamUnavailable,
 )
 from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
+from trex_serve.keyed_caller import KEYS_EXHAUSTED
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.records import RequestRecord
@@ -62,6 +63,7 @@ class Call:
     served: Target | None = None
     ttfb_ms: float | None = None
     translate: bool = False
+    tokens_estimate: int = 0  # prompt + max output: what a managed key's TPM budget reserves
     response_request: dict[str, Any] | None = None
     trace: tracing.RequestTrace | None = None
 
@@ -137,6 +139,7 @@ class Pipeline:
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
+            call.tokens_estimate = prompt_tokens + (max_out or 0)
             with tracing.step(call, "trex.admission"):
                 call.ticket, resolution = await self._admit(principal, ask, request)
             payload.pop("trex", None)
@@ -187,6 +190,7 @@ class Pipeline:
                 raise InvalidRequest(str(exc), param=exc.param) from None
             prompt_tokens = estimate_messages(chat_payload["messages"])
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses")
+            call.tokens_estimate = prompt_tokens + (request.max_output_tokens or 0)
             with tracing.step(call, "trex.admission"):
                 call.ticket, resolution = await self._admit(principal, ask, request)
             native = dict(payload)
@@ -249,7 +253,7 @@ class Pipeline:
 
     def _managed(self, provider: str) -> bool:
         p = self.catalog.provider(provider)
-        return p is not None and (p.api_key_env is None or p.managed_key() is not None)
+        return p is not None and p.managed_route
 
     async def _attempts(self, call: Call, resolution: Resolution,
                         body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool,
@@ -264,7 +268,9 @@ class Pipeline:
                 break
             api, body = body_for(target)
             req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, api,
-                                 call.stream, want_usage, body, key)
+                                 call.stream, want_usage, body, key,
+                                 account_id=call.principal.account_id if call.principal else None,
+                                 tokens_estimate=call.tokens_estimate)
             tracing.attempt_begin(call, target.provider, target.upstream_model, req)
             t0 = time.monotonic()
             try:
@@ -275,8 +281,14 @@ class Pipeline:
                 call.attempts.append(self._attempt(target, 504 if failure == "timeout" else 503, failure, t0))
                 tracing.attempt_end(call)
                 continue
+            # Managed keys of this provider that answered 429/401/403 before another key served.
+            call.attempts.extend(resp.extra.get("key_attempts", ()))
+            if resp.failure == KEYS_EXHAUSTED:
+                last = resp  # nothing reached this upstream on this step: not an attempt
+                tracing.attempt_skipped(call, KEYS_EXHAUSTED)
+                continue
             error = resp.failure or (None if resp.status == 200 else f"http_{resp.status}")
-            call.attempts.append(self._attempt(target, resp.status, error, t0))
+            call.attempts.append(self._attempt(target, resp.status, error, t0, resp.extra.get("key")))
             tracing.attempt_end(call, open_stream=resp.ok and resp.chunks is not None)
             if resp.ok:
                 call.served = target
@@ -289,9 +301,13 @@ class Pipeline:
         return await self._all_failed(call, last)
 
     @staticmethod
-    def _attempt(target: Target, status: int, error: str | None, t0: float) -> dict[str, Any]:
-        return {"provider": target.provider, "model": target.upstream_model, "status": status,
-                "error": error, "latency_ms": round((time.monotonic() - t0) * 1000, 2)}
+    def _attempt(target: Target, status: int, error: str | None, t0: float,
+                 key: str | None = None) -> dict[str, Any]:
+        attempt = {"provider": target.provider, "model": target.upstream_model, "status": status,
+                   "error": error, "latency_ms": round((time.monotonic() - t0) * 1000, 2)}
+        if key is not None:
+            attempt["key"] = key  # the managed key's id, never its secret
+        return attempt
 
     async def _passthrough(self, call: Call, target: Target, resp: hop.HopResponse) -> Answer:
         call.served = target
@@ -310,8 +326,10 @@ class Pipeline:
         headers = {}
         if last is not None and last.retry_after:
             headers["Retry-After"] = str(max(1, int(last.retry_after)))
-        exc = UpstreamUnavailable(f"All {len(call.attempts)} upstream attempt(s) failed.", status=status,
-                                  headers=headers)
+        message = f"All {len(call.attempts)} upstream attempt(s) failed."
+        if not call.attempts and last is not None and last.failure == KEYS_EXHAUSTED:
+            message = "Every managed key of the providers for this model is cooling down or at its budget."
+        exc = UpstreamUnavailable(message, status=status, headers=headers)
         await self._settle_failure(call)
         return self._error(call, exc)
 

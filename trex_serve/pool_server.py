@@ -134,13 +134,19 @@ class PoolServer:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return _failure(400, "bad_request", "hop body is not JSON")
-        api_key = h.get(hop.H_KEY) or provider.managed_key()
+        key_id = h.get(hop.H_KEY_ID)
+        api_key = h.get(hop.H_KEY) or (self._pooled_key(provider, key_id) if key_id else provider.managed_key())
+        if key_id and api_key is None:
+            # The ingress offered a key this replica cannot send: out, like a revoked one.
+            return _failure(401, "key_unset", f"managed key {key_id} of {provider.name} is not set on the pool")
         call = adapter.build(api, body, model, stream, api_key, provider)
         tracing.inject(call.headers)
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)
 
         def outcome(ok: bool, status: int, retry_after: float | None = None) -> None:
+            if key_id and status in (401, 403, 429):
+                return  # one managed key's trouble: the ingress moves to another key, the provider is fine
             self.report(Outcome(provider.name, model, ok, (time.monotonic() - started) * 1000,
                                 status, retry_after))
 
@@ -165,6 +171,11 @@ class PoolServer:
             return await self._whole(upstream, adapter, provider, api, outcome, started)
         finally:
             upstream.release()
+
+    @staticmethod
+    def _pooled_key(provider: Provider, key_id: str) -> str | None:
+        spec = provider.upstream_key(key_id)
+        return spec.secret() if spec is not None else None
 
     async def _upstream_error(self, upstream, adapter, provider, outcome, api_key: str | None = None) -> web.Response:
         retry_after = _retry_after(upstream.headers)

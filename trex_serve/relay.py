@@ -74,6 +74,8 @@ class HttpRelay:
             if not valid_upstream_key(req.api_key):
                 return invalid_key_response()
             headers[hop.H_KEY] = req.api_key
+        elif req.key_id:
+            headers[hop.H_KEY_ID] = req.key_id
         if req.trace_headers:
             headers.update(req.trace_headers)
         tried: set[tuple[str, int]] = set()

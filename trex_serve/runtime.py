@@ -14,12 +14,15 @@ from trex_serve import billing, tracing
 from trex_serve.admin_api import build_admin_router
 from trex_serve.catalog import Catalog, load_catalog
 from trex_serve.counters import CounterStore
+from trex_serve.hop import ProviderCaller
+from trex_serve.keyed_caller import KeyedCaller, KeyMetrics
 from trex_serve.keygate import KeyGate
 from trex_serve.metrics import GatewayMetrics, MetricsExchange, metrics_response
 from trex_serve.records import RequestRecord
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
 from trex_serve.store.repository import Repository
+from trex_serve.upstream_keys import KeyStore
 from trex_serve.writer import BatchWriter
 
 log = logging.getLogger("trex.runtime")
@@ -41,6 +44,22 @@ class Runtime:
         self.metrics_exchange = MetricsExchange(counters.client, counters.prefix, None, self.metrics)
         self.observers: list[Any] = [self.metrics.observe]
         self.planner: Any = None
+        self.key_metrics = KeyMetrics(self.metrics.registry)
+        self.key_caller: KeyedCaller | None = None
+
+    def keyed(self, caller: ProviderCaller) -> KeyedCaller:
+        """Wrap the hop so providers with several managed keys spread, cool and budget them."""
+        self.key_caller = KeyedCaller(caller, self.catalog, KeyStore(self.counters.client, self.counters.prefix),
+                                      self.key_metrics, self._key_out)
+        return self.key_caller
+
+    async def _key_out(self, provider: str, key_id: str, status: int) -> None:
+        spec = self.catalog.provider(provider)
+        await self._key_audit("system", "upstream_key.out", f"{provider}/{key_id}",
+                              {"status": status, "out_for_s": spec.key_out_s if spec else None})
+
+    async def _key_audit(self, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.repo.add_audit, actor, action, "upstream_key", target, None, None, detail)
 
     @classmethod
     async def create(cls, args: dict[str, Any] | None = None) -> Runtime:
@@ -158,6 +177,12 @@ class Runtime:
         async def metrics() -> Response:
             self.refresh_metrics()
             body, content_type = await metrics_response(self.metrics_exchange)
+            if self.key_caller is not None and self.key_caller.keyed:
+                try:
+                    self.key_metrics.refresh(await self.key_caller.states())
+                    body += self.key_metrics.exposition()
+                except Exception:  # key states are read from Redis: its outage must not hide the rest
+                    log.warning("metrics: reading managed key states failed", exc_info=True)
             return Response(body, headers={"Content-Type": content_type})
 
         app.include_router(build_admin_router(
@@ -165,7 +190,11 @@ class Runtime:
             on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))
         from trex_serve.account_api import build_account_router
         from trex_serve.dashboard import build_dashboard_router
+        from trex_serve.upstream_keys_api import build_upstream_keys_router
 
+        app.include_router(build_upstream_keys_router(
+            self.settings.admin_token, lambda: self.key_caller,
+            lambda action, target, detail: self._key_audit("operator", action, target, detail)))
         app.include_router(build_account_router(self))
         app.include_router(build_dashboard_router())
         return app

@@ -49,7 +49,7 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
 
     relay = HttpRelay(pick, hop_secret)
     planner = runtime.planner = Planner()
-    pipeline = Pipeline(catalog, settings, runtime.gate, relay, planner, runtime.record)
+    pipeline = Pipeline(catalog, settings, runtime.gate, runtime.keyed(relay), planner, runtime.record)
     admin_app = runtime.admin_app()
 
     async def pipeline_ref() -> Pipeline:

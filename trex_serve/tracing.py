@@ -192,6 +192,19 @@ def attempt_end(call: Any, open_stream: bool = False) -> None:
         trace.attempt = None
 
 
+def attempt_skipped(call: Any, reason: str) -> None:
+    """Close an attempt span that reached no upstream (every managed key of the provider unusable)."""
+    trace = call.trace
+    if trace is None or trace.attempt is None:
+        return
+    trace.last_failure = reason
+    if trace.attempt.is_recording():
+        trace.attempt.set_attribute("error.type", reason)
+        trace.attempt.set_status(Status(StatusCode.ERROR, reason))
+    trace.attempt.end()
+    trace.attempt = None
+
+
 def finish(call: Any, rec: Any) -> None:
     """Close the request's spans from its ``RequestRecord``; called once, when the request is done."""
     trace = call.trace
