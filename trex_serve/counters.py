@@ -355,6 +355,7 @@ class CounterStore:
             _now_arg(req.now),
             vw,
             int(vmax or 0),
+            max(0, int(req.replay_ttl_s)),
         ]
         return _parse_settle(await self._call("settle", args))
 

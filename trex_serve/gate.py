@@ -30,6 +30,7 @@ class AdmitAsk:
     max_output_tokens: int | None
     request_id: str
     api: str = "chat"
+    replayable: bool = False  # the id came from the trusted front proxy, which may send it again
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     downgraded: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    replayable: bool = False  # settle leaves a mark so a replay of this request id is never charged again
+    replay: bool = False  # this is such a replay: served again, nothing reserved or charged
 
 
 @dataclass

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.client_ip import client_address
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
+from trex_serve.front_id import front_secret, trusted_request_id
 from trex_serve.pipeline import Answer, Pipeline, new_request_id
 from trex_serve.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
 from trex_serve.settings import Settings
@@ -132,6 +133,9 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         forwarded = ", ".join(request.headers.getlist("x-forwarded-for")) or None
         return client_address(peer, forwarded, settings.trusted_proxies)
 
+    def front_id(request: Request, settings: Settings) -> str | None:
+        return trusted_request_id(request.headers, front_secret(settings.secret_key))
+
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
@@ -139,7 +143,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
-                                     upstream_key(request))
+                                     upstream_key(request), front_id(request, pipeline.settings))
         return render(answer)
 
     @app.post("/v1/responses")
@@ -147,7 +151,8 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.responses(body, request.headers.get("authorization"),
-                                          ip(request, pipeline.settings), upstream_key(request))
+                                          ip(request, pipeline.settings), upstream_key(request),
+                                          front_id(request, pipeline.settings))
         return render(answer)
 
     @app.get("/v1/models")
