@@ -368,6 +368,10 @@ class CounterStore:
     async def _evalsha_keys(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._evalsha_direct(_SCRIPTS[name], args, keys)
 
+    async def first_delivery(self, request_id: str, ttl_s: int = 600) -> bool:
+        """True the first time a front-assigned request id arrives, False for a replay of it."""
+        return bool(await self._cmd(self.client.set(self._k("delivered", request_id), "1", nx=True, ex=ttl_s)))
+
     # -- balances -------------------------------------------------------------------------------
 
     async def ensure_balance(self, account_id: str, micro: int) -> bool:

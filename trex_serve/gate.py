@@ -73,6 +73,10 @@ class Gate(Protocol):
         """The key to call ``provider`` with, or None when it can't be called for this principal."""
         ...
 
+    async def first_delivery(self, request_id: str) -> bool:
+        """False when this front-assigned request id arrived before: a replay."""
+        ...
+
     async def settle(self, ticket: Ticket, settlement: Settlement) -> int:
         """Release the lease and bill; returns micro-credits charged."""
         ...

@@ -23,6 +23,7 @@ from trex_serve.errors import (
     PaymentRequired,
     RateLimited,
     RequestLimitExceeded,
+    ServiceUnavailable,
 )
 from trex_serve.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.risk_settings import RiskSettings
@@ -293,6 +294,14 @@ class KeyGate:
         return spec.managed_key() if spec is not None else None
 
     # ---- settlement ----------------------------------------------------------------------------
+
+    async def first_delivery(self, request_id: str) -> bool:
+        """False when this front-assigned request id was seen before (a replay); fails open when Redis
+        cannot say, since the guard only matters for replays."""
+        try:
+            return await self.counters.first_delivery(request_id, REPLAY_MARK_TTL_S)
+        except ServiceUnavailable:
+            return True
 
     async def settle(self, ticket: Ticket, settlement: Settlement) -> int:
         charge = 0

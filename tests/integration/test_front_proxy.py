@@ -49,9 +49,12 @@ class Backend:
             body = b'{"error": {"code": "internal_error"}}'
             writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
                          b"X-Trex-Request-Id: req_x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        elif path == "/v1/chat/completions" and sum(h.get(ID_HEADER.lower()) == headers.get(ID_HEADER.lower())
+                                                    for h in self.seen) > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Trex-Request-Id: x\r\nContent-Length: 2\r\n\r\nok")
         elif path == "/ok":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        # "/cut": close without a byte of answer
+        # anything else (and the first try of a chat request): close without a byte of answer
         await writer.drain()
         writer.close()
 
@@ -143,3 +146,19 @@ def test_nothing_listening_behind_the_front_is_the_openai_envelope(front, tmp_pa
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_chat_request_cut_before_any_answer_is_replayed_with_the_same_id(front):
+    backend: Backend = front["backend"]
+    before = len(backend.seen)
+    resp = httpx.post(f"{front['url']}/v1/chat/completions", json={"model": "m"})
+    tries = backend.seen[before:]
+    assert resp.status_code == 200 and resp.text == "ok", (resp.status_code, [t.get(ID_HEADER.lower()) for t in tries])
+    assert len(tries) == 2 and tries[0][ID_HEADER.lower()] == tries[1][ID_HEADER.lower()]
+
+
+def test_an_operator_request_is_never_sent_twice(front):
+    backend: Backend = front["backend"]
+    before = len(backend.seen)
+    assert_envelope(httpx.post(f"{front['url']}/admin/v1/accounts/a/credits", json={"amount": 5}))
+    assert len(backend.seen) == before + 1

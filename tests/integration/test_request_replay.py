@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from tests.integration.gateway import account, chat, new_key
+from tests.integration.gateway import OP, account, chat, new_key
 from trex_serve import billing
 from trex_serve.front_id import AUTH_HEADER, ID_HEADER, front_secret
 
@@ -45,3 +45,21 @@ async def test_a_request_id_without_the_front_secret_is_ignored(gw):
     again = await chat(gw, key, model="big-model", headers=front_headers(rid, "forged"))
     assert again.status_code == 200 and await counters.get_balance(acc["id"]) < before
 
+
+
+async def test_an_operator_change_replayed_under_the_same_id_is_refused_not_applied_twice(gw):
+    acc = await account(gw)
+    rid = "req_" + uuid.uuid4().hex
+    grant = {"amount": 7, "reason": "replay"}
+    url = f"/admin/v1/accounts/{acc['id']}/credits"
+    first = await gw.post(url, json=grant, headers={**OP, **front_headers(rid)})
+    assert first.status_code in (200, 201), first.text
+    again = await gw.post(url, json=grant, headers={**OP, **front_headers(rid)})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "request_replayed"
+    assert again.headers["x-trex-request-id"] == rid
+    usage = (await gw.get(f"/admin/v1/accounts/{acc['id']}/usage", headers=OP)).json()
+    assert usage["credits"]["balance"] == 7
+    # Without the front's id (or with a forged secret), every request is its own.
+    for _ in range(2):
+        r = await gw.post(url, json=grant, headers={**OP, **front_headers(rid, "forged")})
+        assert r.status_code in (200, 201)
