@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -33,6 +34,26 @@ class AppArgs(BaseModel):
     pool_secret: str | None = None
     ingress_replicas: int = Field(default=1, ge=1)
     pool_autoscaling: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Nodes to spread replicas over; None counts the cluster's alive nodes when the app is built.
+    spread_nodes: int | None = Field(default=None, ge=1)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def per_node_cap(replicas: int, nodes: int) -> int | None:
+    """At most this many replicas of one deployment per node, so that with two or more nodes no
+    single node holds all of them: Serve's default SPREAD is a best-effort round robin shared by every
+    actor, and it can put both ingress replicas on one node. None on one node (no cap: a one-node
+    gateway keeps every replica it asks for)."""
+    if nodes <= 1 or replicas <= 1:
+        return None
+    return math.ceil(replicas / nodes)
 
 
 def _derived_pool_secret(secret_key: str) -> str:
@@ -65,6 +86,7 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
         # redeploy (old ingress replicas meeting new pool replicas mid-rollout) keeps one secret.
         "pool_secret": args.pool_secret or env.pool_secret or _derived_pool_secret(args.secret_key or env.secret_key),
     }
+    nodes = args.spread_nodes or _alive_nodes()
     router = Router.bind(catalog.health.model_dump())
     pools = {}
     for provider in catalog.providers:
@@ -78,10 +100,14 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
             "policy": {"policy_function": "deployments.provider_pool:inflight_policy"},
             **args.pool_autoscaling.get(provider.name, {}),
         }
+        # Capped by the pool's ceiling, so that autoscaling can still reach it on these nodes.
+        cap = per_node_cap(int(autoscaling["max_replicas"]), nodes)
         pools[provider.name] = ProviderPool.options(
             name=f"pool-{provider.name}", autoscaling_config=autoscaling, graceful_shutdown_timeout_s=60,
+            max_replicas_per_node=cap,
         ).bind(provider.name, catalog_path, resolved["pool_secret"], router, catalog_sha=resolved["catalog_sha"])
-    return Ingress.options(num_replicas=args.ingress_replicas, graceful_shutdown_timeout_s=60).bind(
+    return Ingress.options(num_replicas=args.ingress_replicas, graceful_shutdown_timeout_s=60,
+                           max_replicas_per_node=per_node_cap(args.ingress_replicas, nodes)).bind(
         resolved, pools, router)
 
 

@@ -14,7 +14,9 @@ def main() -> int:
     from deployments.app import build_app
 
     ray.init(address=f"127.0.0.1:{ray_port}", logging_level="WARNING", log_to_driver=False)
-    serve.start(http_options={"host": "0.0.0.0", "port": http_port})
+    # One machine: one proxy, on the head (with several local nodes, a proxy per node would fight
+    # over the one port).
+    serve.start(proxy_location="HeadOnly", http_options={"host": "0.0.0.0", "port": http_port})
     serve.run(build_app({}), name="trex", route_prefix="/", blocking=False)
     return 0
 

@@ -3,7 +3,7 @@
     python -m loadtests.run SUITE --users N --spawn-rate R --run-time 10s \\
         --host http://127.0.0.1:8000 --admin-token T --catalog config/catalog.yaml
 
-SUITE is one of: steady, fallback, limits, billing, replica_loss, keys (see loadtests/README.md).
+SUITE is one of: steady, fallback, limits, billing, replica_loss, keys, node_loss (see loadtests/README.md).
 The harness prepares what the suite needs through the operator API (an account of its own, keys with
 limits, credits), runs Locust programmatically (no web UI), switches mock-upstream faults mid-run where
 the suite says so, prints req/s, p50/p95/p99 and TTFB, then checks the suite's assertions: exit 0 when
@@ -35,7 +35,7 @@ from locust.env import Environment  # noqa: E402
 
 from loadtests.common import RECORDER, Admin, Mock, Record, TrexUser, percentile  # noqa: E402
 
-SUITES = ("steady", "fallback", "limits", "billing", "replica_loss", "keys")
+SUITES = ("steady", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -576,6 +576,68 @@ class Keys(Suite):
                               f"others {moved}")
 
 
+class NodeLoss(Suite):
+    """A whole Ray node is lost under load: its raylet and every process under it (ingress and pool
+    replicas) are SIGKILLed. Every answer is a success or an OpenAI envelope (no cut connection, no
+    bare HAProxy 500), and the gateway keeps answering. Non-streaming requests, so that "nothing of
+    the answer had reached the client" holds for every request in flight."""
+
+    def prepare(self):
+        if not self.args.kill_raylet_pid:
+            raise SystemExit("node_loss needs --kill-raylet-pid (the raylet of the node to lose)")
+        self.ctx.new_account(max(1, self.args.users))
+        model = self.ctx.standard
+        self.kill_at = self.args.run_time * 0.3
+        return user_class(self.ctx, "NodeLossUser", lambda u: u.chat(model, content="node loss"))
+
+    def before_start(self):
+        # Requests that take a while, so that several are in flight on the lost node when it goes.
+        self.ctx.catalog.mock(self.ctx.primary).control(latency_ms=self.args.node_loss_latency_ms)
+
+    def during(self, elapsed):
+        if elapsed >= self.kill_at and "kill" not in self.ctx.marks:
+            self.ctx.extra["killed"] = kill_tree(self.args.kill_raylet_pid)
+            self.ctx.mark(f"node lost: SIGKILL raylet {self.args.kill_raylet_pid} and "
+                          f"{len(self.ctx.extra['killed']) - 1} processes under it")
+            self.ctx.marks["kill"] = time.time()
+
+    def check(self, recs):
+        ctx = self.ctx
+        ctx.check(bool(ctx.extra.get("killed")), f"node_loss: raylet {self.args.kill_raylet_pid} not found")
+        cut = [r for r in recs if r.exception or r.status is None]
+        bare = [r for r in recs if r.status not in (None, 200) and not r.envelope_ok()]
+        ctx.check(not cut, f"node_loss: {len(cut)} requests lost their connection, e.g. "
+                  + "; ".join(describe(r) for r in cut[:3]))
+        ctx.check(not bare, f"node_loss: {len(bare)} errors without the OpenAI envelope, e.g. "
+                  + "; ".join(describe(r) for r in bare[:3]))
+        kill = ctx.marks.get("kill", time.time())
+        after = [r for r in recs if r.started > kill + 1]
+        ctx.check(any(r.status == 200 for r in after), "node_loss: nothing succeeded after the node was lost")
+        around = [r for r in recs if r.started <= kill < r.ended]
+        errors = Counter(f"{r.status} {(r.error or {}).get('code')}" for r in recs if r.status not in (None, 200))
+        ctx.notes.append(f"node lost at {kill - ctx.marks['start']:.1f} s: {len(around)} requests in flight then, "
+                         f"{sum(r.status == 200 for r in around)} of them answered 200; overall "
+                         f"{sum(r.status == 200 for r in recs)} x 200, errors {dict(errors)}, {len(cut)} cut; "
+                         f"max latency {max((r.latency_ms for r in recs), default=0):.0f} ms")
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and everything under it (a node loss: the raylet and its workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in procs]
+
+
 def _seconds(value: str | None) -> float | None:
     if not value:
         return None
@@ -615,7 +677,8 @@ def find_replica_pids(title: str, host: str) -> list[int]:
 
 
 SUITE_CLASSES: dict[str, type[Suite]] = {"steady": Steady, "fallback": Fallback, "limits": Limits,
-                                          "billing": Billing, "replica_loss": ReplicaLoss, "keys": Keys}
+                                          "billing": Billing, "replica_loss": ReplicaLoss, "keys": Keys,
+                                          "node_loss": NodeLoss}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -670,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-bound", type=float, default=10.0, help="replica_loss: no request over this (s)")
     p.add_argument("--key-accounts", type=int, default=12, help="keys: accounts (each sticks to one key)")
     p.add_argument("--hot-key", default=None, help="keys: id of the key switched to 429 (default the first)")
+    p.add_argument("--kill-raylet-pid", type=int, default=0, help="node_loss: the raylet of the node to lose")
+    p.add_argument("--node-loss-latency-ms", type=int, default=300,
+                   help="node_loss: upstream latency, so requests are in flight when the node goes")
     return p
 
 

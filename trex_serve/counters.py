@@ -355,6 +355,7 @@ class CounterStore:
             _now_arg(req.now),
             vw,
             int(vmax or 0),
+            max(0, int(req.replay_ttl_s)),
         ]
         return _parse_settle(await self._call("settle", args))
 
@@ -366,6 +367,10 @@ class CounterStore:
 
     async def _evalsha_keys(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._evalsha_direct(_SCRIPTS[name], args, keys)
+
+    async def first_delivery(self, request_id: str, ttl_s: int = 600) -> bool:
+        """True the first time a front-assigned request id arrives, False for a replay of it."""
+        return bool(await self._cmd(self.client.set(self._k("delivered", request_id), "1", nx=True, ex=ttl_s)))
 
     # -- balances -------------------------------------------------------------------------------
 

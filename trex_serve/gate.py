@@ -30,6 +30,7 @@ class AdmitAsk:
     max_output_tokens: int | None
     request_id: str
     api: str = "chat"
+    replayable: bool = False  # the id came from the trusted front proxy, which may send it again
 
 
 @dataclass
@@ -45,6 +46,8 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     downgraded: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    replayable: bool = False  # settle leaves a mark so a replay of this request id is never charged again
+    replay: bool = False  # this is such a replay: served again, nothing reserved or charged
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Gate(Protocol):
 
     async def provider_key(self, principal: Principal, provider: str, override: str | None) -> str | None:
         """The key to call ``provider`` with, or None when it can't be called for this principal."""
+        ...
+
+    async def first_delivery(self, request_id: str) -> bool:
+        """False when this front-assigned request id arrived before: a replay."""
         ...
 
     async def settle(self, ticket: Ticket, settlement: Settlement) -> int:

@@ -10,10 +10,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.client_ip import client_address
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
+from trex_serve.front_id import front_secret, trusted_request_id
 from trex_serve.pipeline import Answer, Pipeline, new_request_id
 from trex_serve.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
 from trex_serve.settings import Settings
@@ -99,22 +101,45 @@ def install_error_handlers(app: FastAPI) -> None:
 CONTROL_PREFIXES = ("/admin/", "/metrics", "/dashboard", "/v1/dashboard/")
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 class SubAppDispatch:
     """Sends the control surface (operator and account APIs, metrics, dashboard) to the control
-    app, which is built later than this app, inside the replica."""
+    app, which is built later than this app, inside the replica. A change that arrives a second time
+    under the same front-assigned request id (Serve's HAProxy replays a request whose replica died
+    before answering) is refused, never applied twice: a credit grant is not idempotent."""
 
-    def __init__(self, app: Any, prefixes: tuple[str, ...], sub_app_ref: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(self, app: Any, prefixes: tuple[str, ...], sub_app_ref: Callable[[], Awaitable[Any]],
+                 pipeline_ref: Callable[[], Awaitable[Pipeline]] | None = None) -> None:
         self.app = app
         self.prefixes = prefixes
         self.sub_app_ref = sub_app_ref
+        self.pipeline_ref = pipeline_ref
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
             sub = await self.sub_app_ref()
             if sub is not None:
+                rid = await self._replayed(scope)
+                if rid is not None:
+                    exc = TrexError("This request reached the gateway a second time (the replica handling it "
+                                    "was lost) and was not applied again; check whether the first took effect.",
+                                    status=409, code="request_replayed", type="invalid_request_error")
+                    await error_response(exc, rid)(scope, receive, send)
+                    return
                 await sub(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _replayed(self, scope: dict) -> str | None:
+        if scope["method"] in SAFE_METHODS or self.pipeline_ref is None:
+            return None
+        pipeline = await self.pipeline_ref()
+        rid = trusted_request_id(Headers(scope=scope), front_secret(pipeline.settings.secret_key))
+        if rid is None or await pipeline.gate.first_delivery(rid):
+            return None
+        return rid
 
 
 def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
@@ -124,13 +149,17 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     ``admin_ref`` the operator app, served under /admin/."""
     app = FastAPI(title="Trex Serve", version="0.1.0", docs_url=None, redoc_url=None)
     if admin_ref is not None:
-        app.add_middleware(SubAppDispatch, prefixes=CONTROL_PREFIXES, sub_app_ref=admin_ref)
+        app.add_middleware(SubAppDispatch, prefixes=CONTROL_PREFIXES, sub_app_ref=admin_ref,
+                           pipeline_ref=pipeline_ref)
 
     def ip(request: Request, settings: Settings) -> str:
         peer = request.client.host if request.client else None
         # Several proxies may each add their own header line: read them as one list, in order.
         forwarded = ", ".join(request.headers.getlist("x-forwarded-for")) or None
         return client_address(peer, forwarded, settings.trusted_proxies)
+
+    def front_id(request: Request, settings: Settings) -> str | None:
+        return trusted_request_id(request.headers, front_secret(settings.secret_key))
 
     install_error_handlers(app)
 
@@ -139,7 +168,8 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
-                                     upstream_key(request), request.headers)
+                                     upstream_key(request), front_id(request, pipeline.settings),
+                                     trace_carrier=request.headers)
         return render(answer)
 
     @app.post("/v1/responses")
@@ -147,7 +177,8 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.responses(body, request.headers.get("authorization"),
-                                          ip(request, pipeline.settings), upstream_key(request), request.headers)
+                                          ip(request, pipeline.settings), upstream_key(request),
+                                          front_id(request, pipeline.settings), trace_carrier=request.headers)
         return render(answer)
 
     @app.get("/v1/models")

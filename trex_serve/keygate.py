@@ -23,6 +23,7 @@ from trex_serve.errors import (
     PaymentRequired,
     RateLimited,
     RequestLimitExceeded,
+    ServiceUnavailable,
 )
 from trex_serve.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.risk_settings import RiskSettings
@@ -33,6 +34,9 @@ log = logging.getLogger("trex.gate")
 
 CACHE_TTL_S = 30.0  # a safety net; invalidations normally arrive within milliseconds
 STALE_SERVE_S = 300.0  # how long cached keys keep serving while the database is down
+# How long a settled front-assigned request id is remembered: the front proxy replays a request
+# within moments of losing its replica; this only has to outlast that.
+REPLAY_MARK_TTL_S = 600
 
 
 def _strictest(a: float | int | None, b: float | int | None) -> float | int | None:
@@ -242,7 +246,8 @@ class KeyGate:
             self._refuse(result, ctx, headers)
         return Ticket(principal, result.billing or req.billing, ask.request_id, ask.prompt_tokens,
                       result.reserved_micro, result.lease_id, headers,
-                      state={"velocity": key_risk.velocity if key_risk else None, "slot": result.slot})
+                      state={"velocity": key_risk.velocity if key_risk else None, "slot": result.slot},
+                      replayable=ask.replayable, replay=result.replay)
 
     async def _balance(self, account_id: str) -> int:
         return await asyncio.to_thread(self.repo.ledger_sum, account_id)
@@ -292,6 +297,14 @@ class KeyGate:
 
     # ---- settlement ----------------------------------------------------------------------------
 
+    async def first_delivery(self, request_id: str) -> bool:
+        """False when this front-assigned request id was seen before (a replay); fails open when Redis
+        cannot say, since the guard only matters for replays."""
+        try:
+            return await self.counters.first_delivery(request_id, REPLAY_MARK_TTL_S)
+        except ServiceUnavailable:
+            return True
+
     async def settle(self, ticket: Ticket, settlement: Settlement) -> int:
         charge = 0
         model = self.catalog.model(settlement.public_model) if settlement.public_model else None
@@ -303,7 +316,8 @@ class KeyGate:
             request_id=ticket.request_id, success=settlement.success,
             tokens_in=settlement.prompt_tokens, tokens_out=settlement.completion_tokens, charge_micro=charge,
             velocity_window_s=velocity.window_s if velocity else None,
-            velocity_max_micro=billing.micro_from_credits(velocity.max_credits) if velocity else None))
+            velocity_max_micro=billing.micro_from_credits(velocity.max_credits) if velocity else None,
+            replay_ttl_s=REPLAY_MARK_TTL_S if ticket.replayable else 0))
         ctx: KeyContext = ticket.principal.context
         if result.charged_micro:
             self.ledger({"account_id": ctx.account_id, "key_id": ctx.key_id, "request_id": ticket.request_id,

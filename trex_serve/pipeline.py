@@ -130,15 +130,18 @@ class Pipeline:
             return self._error(call, exc)
 
     async def chat(self, raw: bytes, authorization: str | None, client_ip: str,
-                   upstream_key: str | None = None, trace_carrier: Mapping[str, str] | None = None) -> Answer:
-        call = Call(new_request_id(), "chat", client_ip)
+                   upstream_key: str | None = None, request_id: str | None = None,
+                   trace_carrier: Mapping[str, str] | None = None) -> Answer:
+        """``request_id``: assigned by the trusted front proxy (front_id.py), which may send the same
+        request again after losing the replica that had it; admission and settlement are idempotent by it."""
+        call = Call(request_id or new_request_id(), "chat", client_ip)
         tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(call, raw, ChatCompletionRequest,
                                                                          authorization)
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
-            ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
+            ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
             call.tokens_estimate = prompt_tokens + (max_out or 0)
             with tracing.step(call, "trex.admission"):
                 call.ticket, resolution = await self._admit(principal, ask, request)
@@ -175,11 +178,11 @@ class Pipeline:
         return self._error(call, TrexError("The gateway hit an internal error.", status=500))
 
     async def responses(self, raw: bytes, authorization: str | None, client_ip: str,
-                        upstream_key: str | None = None, trace_carrier: Mapping[str, str] | None = None,
-                        ) -> Answer:
+                        upstream_key: str | None = None, request_id: str | None = None,
+                        trace_carrier: Mapping[str, str] | None = None) -> Answer:
         """OpenAI Responses API: passed through to providers that speak it, translated to chat
-        completions (and the answer back) for the others."""
-        call = Call(new_request_id(), "responses", client_ip)
+        completions (and the answer back) for the others. ``request_id`` as for :meth:`chat`."""
+        call = Call(request_id or new_request_id(), "responses", client_ip)
         tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(call, raw, ResponsesRequest,
@@ -189,7 +192,8 @@ class Pipeline:
             except ResponsesInputError as exc:
                 raise InvalidRequest(str(exc), param=exc.param) from None
             prompt_tokens = estimate_messages(chat_payload["messages"])
-            ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses")
+            ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses",
+                           request_id is not None)
             call.tokens_estimate = prompt_tokens + (request.max_output_tokens or 0)
             with tracing.step(call, "trex.admission"):
                 call.ticket, resolution = await self._admit(principal, ask, request)

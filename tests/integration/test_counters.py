@@ -261,6 +261,54 @@ async def test_settle_idempotent(store: CounterStore) -> None:
     assert not (await store.settle(SettleRequest("never-admitted"))).settled
 
 
+
+async def test_replay_of_a_settled_request_is_served_without_a_second_charge(store: CounterStore) -> None:
+    """The front proxy replays a request on another ingress replica when the first died before a byte
+    of its answer left: if the first attempt had already settled, the replay costs nothing."""
+    await store.ensure_balance("a", 10_000)
+    req = AdmitRequest(_rid(), "k", "a", billing="credits", reserve_micro=3_000, rpm=10, concurrency=1)
+    first = await store.admit(req)
+    settled = await store.settle(SettleRequest(first.lease_id, charge_micro=2_000, replay_ttl_s=60))
+    assert settled.charged_micro == 2_000 and await store.get_balance("a") == 8_000
+    replay = await store.admit(req)
+    assert replay.ok and replay.replay and replay.lease_id is None and replay.reserved_micro == 0
+    assert replay.billing == "credits"
+    again = await store.settle(SettleRequest(req.request_id, charge_micro=2_000, replay_ttl_s=60))
+    assert not again.settled and again.charged_micro == 0
+    assert await store.get_balance("a") == 8_000 and await store.rpm_used("k") == 1
+    assert await store.inflight("k") == 0
+
+
+async def test_replay_after_the_first_attempt_died_admitted_settles_once(store: CounterStore) -> None:
+    """The first attempt was admitted on the replica that died (its lease still held): the replay takes
+    over that admission, and its settlement is the only one."""
+    await store.ensure_balance("a", 10_000)
+    req = AdmitRequest(_rid(), "k", "a", billing="credits", reserve_micro=3_000, concurrency=1)
+    await store.admit(req)
+    replay = await store.admit(req)
+    assert replay.ok and replay.duplicate and replay.lease_id == req.request_id
+    assert (await store.settle(SettleRequest(req.request_id, charge_micro=1_000, replay_ttl_s=60))).charged_micro \
+        == 1_000
+    assert await store.get_balance("a") == 9_000 and await store.inflight("k") == 0
+
+
+async def test_a_failed_first_attempt_leaves_no_mark_so_the_replay_is_billed_normally(store: CounterStore) -> None:
+    await store.ensure_balance("a", 10_000)
+    req = AdmitRequest(_rid(), "k", "a", billing="credits", reserve_micro=3_000)
+    await store.admit(req)
+    await store.settle(SettleRequest(req.request_id, success=False, replay_ttl_s=60))
+    replay = await store.admit(req)
+    assert replay.ok and not replay.replay and not replay.duplicate and replay.reserved_micro == 3_000
+    assert await store.get_balance("a") == 7_000
+
+
+async def test_ids_not_from_the_front_leave_no_mark(store: CounterStore) -> None:
+    await store.ensure_balance("a", 10_000)
+    req = AdmitRequest(_rid(), "k", "a", billing="credits", reserve_micro=3_000)
+    await store.admit(req)
+    await store.settle(SettleRequest(req.request_id, charge_micro=1_000))
+    assert not (await store.admit(req)).replay
+
 @settings(
     max_examples=25,
     deadline=None,

@@ -7,7 +7,7 @@
 -- 20 alert_at (0 = none), 21 record_ttl_s.
 -- Returns {ok, code, retry_after, billing, slot, reserved, balance_after(-1), rpm_limit(0 = none),
 --          rpm_remaining(-1 = n/a), rpm_reset, alerts{{scope, period, cap, spent}...},
---          cap_hit{scope, period, cap, spent} | {}, duplicate}
+--          cap_hit{scope, period, cap, spent} | {}, duplicate (1: admitted before, 2: settled before)}
 local rid, kid, acct = ARGV[2], ARGV[3], ARGV[4]
 local now = now_from(ARGV[5])
 local now_ms = math.floor(now * 1000)
@@ -28,6 +28,15 @@ local function fail(code, retry, cap_hit, rpm_used)
   local remaining = -1
   if rpm > 0 then remaining = math.max(0, rpm - rpm_used) end
   return {0, code, retry, '', '', 0, -1, rpm, remaining, reset, {}, cap_hit or {}, 0}
+end
+
+-- A request the front proxy replayed after its first ingress replica died: if that first attempt
+-- was already settled, serve it again without reserving or charging anything (never billed twice).
+local done = redis.call('GET', P .. 'done:' .. rid)
+if done then
+  local b = 'quota'
+  if done == 'c' then b = 'credits' end
+  return {1, '', 0, b, 'base', 0, -1, rpm, -1, reset, {}, {}, 2}
 end
 
 -- A retried admission (client retry after a lost reply) returns the first answer: never twice.

@@ -1,7 +1,9 @@
 -- Settlement in one atomic call: release the lease, settle quota or credits from the admission
 -- record, track velocity. Idempotent: the record is consumed, so a second call does nothing.
 -- ARGV: 1 prefix, 2 request_id, 3 success (1|0), 4 tokens (actual, in+out), 5 charge_micro,
--- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro.
+-- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro,
+-- 9 replay_ttl_s (0 = none): keep a mark of a successful settlement this long, so a replay of the
+-- same request id (the front proxy retrying on another replica) is served without a second charge.
 -- Returns {settled, billing, charged, refunded, balance_after(-1 = n/a), velocity_exceeded,
 --          velocity_micro}
 local rid = ARGV[2]
@@ -11,6 +13,12 @@ local vw, vmax = tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local r = release(rid, success, tokens, charge)
 if not r then return {0, '', 0, 0, -1, 0, 0} end
+local replay_ttl = tonumber(ARGV[9] or '0') or 0
+if success and replay_ttl > 0 then
+  local mark = 'q'
+  if r[1] == 'credits' then mark = 'c' end
+  redis.call('SET', P .. 'done:' .. rid, mark, 'EX', I(replay_ttl))
+end
 local charged = r[2]
 local exceeded, vsum = 0, 0
 if vw > 0 and vmax >= 0 and charged > 0 then
