@@ -30,6 +30,9 @@ class Provider(_Strict):
     base_url: str
     format: Literal["openai", "anthropic"] = "openai"
     api_key_env: str | None = None
+    # "none": a self-hosted upstream (vLLM, Ollama, TGI) that takes no key, called without one when
+    # no binding exists. "key" (default): a managed key (api_key_env) or a bound key is required.
+    auth: Literal["key", "none"] = "key"
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float | None = Field(default=None, gt=0)
@@ -37,6 +40,12 @@ class Provider(_Strict):
     max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
     pool: PoolSizing = Field(default_factory=PoolSizing)
+
+    @model_validator(mode="after")
+    def _auth_consistent(self) -> Provider:
+        if self.auth == "none" and self.api_key_env:
+            raise ValueError("auth: none takes no api_key_env (a keyless upstream has no managed key)")
+        return self
 
     @property
     def first_byte_timeout(self) -> float:
@@ -47,6 +56,10 @@ class Provider(_Strict):
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
+
+    def callable_without_binding(self) -> bool:
+        """True when a request may reach this provider with no key of the account's own."""
+        return self.auth == "none" or self.managed_key() is not None
 
 
 class Price(_Strict):

@@ -34,6 +34,7 @@ from trex_serve.settings import Settings
 from trex_serve.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
 
 JSON = "application/json"
+Route = tuple[Target, str | None]  # a target and the provider key to call it with
 log = logging.getLogger("trex.pipeline")
 
 
@@ -135,13 +136,14 @@ class Pipeline:
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
-            call.ticket, resolution = await self._admit(principal, ask, request)
+            routes = await self._routes(call, resolution, upstream_key)
+            call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
             want_usage = bool((request.stream_options or {}).get("include_usage"))
             body = _dumps(payload)
-            return await self._attempts(call, resolution, lambda _t: ("chat", body), want_usage, upstream_key)
+            return await self._attempts(call, routes, lambda _t: ("chat", body), want_usage)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
@@ -182,7 +184,8 @@ class Pipeline:
                 raise InvalidRequest(str(exc), param=exc.param) from None
             prompt_tokens = estimate_messages(chat_payload["messages"])
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses")
-            call.ticket, resolution = await self._admit(principal, ask, request)
+            routes = await self._routes(call, resolution, upstream_key)
+            call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             native = dict(payload)
             native.pop("trex", None)
             chat_payload.pop("trex", None)
@@ -197,7 +200,7 @@ class Pipeline:
                 return "chat", chat_body
 
             call.response_request = payload
-            return await self._attempts(call, resolution, body_for, True, upstream_key)
+            return await self._attempts(call, routes, body_for, True)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
@@ -206,9 +209,10 @@ class Pipeline:
 
     # ---- admission ----------------------------------------------------------------------------
 
-    async def _admit(self, principal: Principal, ask: AdmitAsk, request: Any) -> tuple[Ticket, Resolution]:
+    async def _admit(self, call: Call, principal: Principal, ask: AdmitAsk, routes: list[Route],
+                     override: str | None) -> tuple[Ticket, list[Route]]:
         try:
-            return await self.gate.admit(principal, ask), ask.resolution
+            return await self.gate.admit(principal, ask), routes
         except PaymentRequired as exc:
             if exc.code != "insufficient_credits" or principal.billing_policy != "downgrade" \
                     or ask.resolution.smart_auto or not self.catalog.smart_auto:
@@ -216,14 +220,14 @@ class Pipeline:
         # The key's policy says: serve it on Smart Auto (the daily quota) instead of refusing.
         downgraded = resolve(self.catalog, SMART_AUTO, None)
         ask.resolution = downgraded
-        ticket = await self.gate.admit(principal, ask)
+        ticket = call.ticket = await self.gate.admit(principal, ask)
         ticket.downgraded = True
-        return ticket, downgraded
+        return ticket, await self._routes(call, downgraded, override)
 
     # ---- attempts and fallback ----------------------------------------------------------------
 
-    async def _keys(self, call: Call, targets: list[Target], override: str | None) -> list[tuple[Target, str | None]]:
-        usable: list[tuple[Target, str | None]] = []
+    async def _keys(self, call: Call, targets: list[Target], override: str | None) -> list[Route]:
+        usable: list[Route] = []
         missing: list[str] = []
         first = True
         for target in targets:
@@ -243,13 +247,15 @@ class Pipeline:
 
     def _managed(self, provider: str) -> bool:
         p = self.catalog.provider(provider)
-        return p is not None and (p.api_key_env is None or p.managed_key() is not None)
+        return p is not None and p.callable_without_binding()
 
-    async def _attempts(self, call: Call, resolution: Resolution,
-                        body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool,
-                        override: str | None) -> Answer:
-        ordered = self.planner.order(resolution)
-        targets = await self._keys(call, ordered, override)
+    async def _routes(self, call: Call, resolution: Resolution, override: str | None) -> list[Route]:
+        """The targets in the order to try, each with its key. Runs before admission: a request
+        no provider can take (424, or 503 with every circuit open) moves no counter at all."""
+        return await self._keys(call, self.planner.order(resolution), override)
+
+    async def _attempts(self, call: Call, targets: list[Route],
+                        body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool) -> Answer:
         deadline = call.started + self.settings.request_deadline_s
         last: hop.HopResponse | None = None
         for target, key in targets[: self.settings.max_attempts]:
