@@ -24,6 +24,7 @@ from trex_serve.errors import (
     UpstreamUnavailable,
 )
 from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
+from trex_serve.messages import check_chat_messages, check_responses_input
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.records import RequestRecord
@@ -131,8 +132,8 @@ class Pipeline:
                    upstream_key: str | None = None) -> Answer:
         call = Call(new_request_id(), "chat", client_ip)
         try:
-            payload, request, principal, resolution = await self._front(call, raw, ChatCompletionRequest,
-                                                                         authorization)
+            payload, request, principal, resolution = await self._front(
+                call, raw, ChatCompletionRequest, authorization, lambda p: check_chat_messages(p["messages"]))
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat")
@@ -151,13 +152,16 @@ class Pipeline:
             return await self._internal_error(call)
 
     async def _front(self, call: Call, raw: bytes, schema: type, authorization: str | None,
+                     check: Callable[[dict[str, Any]], None],
                      ) -> tuple[dict[str, Any], Any, Principal, Resolution]:
-        """What every generation request does first: parse, validate, authenticate, resolve the model."""
+        """What every generation request does first: parse, validate (the top-level fields, then
+        each message or input item), authenticate, resolve the model."""
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise InvalidRequest("The request body is not valid JSON.") from None
         request = parse_model(schema, payload)
+        check(payload)
         call.model_requested, call.stream = request.model, request.stream
         principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
         resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
@@ -176,8 +180,8 @@ class Pipeline:
         completions (and the answer back) for the others."""
         call = Call(new_request_id(), "responses", client_ip)
         try:
-            payload, request, principal, resolution = await self._front(call, raw, ResponsesRequest,
-                                                                         authorization)
+            payload, request, principal, resolution = await self._front(
+                call, raw, ResponsesRequest, authorization, lambda p: check_responses_input(p.get("input")))
             try:
                 chat_payload = responses_to_chat(payload)
             except ResponsesInputError as exc:
