@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trex_serve import openapi
 from trex_serve.client_ip import client_address
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.pipeline import Answer, Pipeline, new_request_id
@@ -172,4 +173,5 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
 
     if extra is not None:
         extra(app)
+    openapi.install(app)
     return app
