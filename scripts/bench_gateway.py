@@ -81,7 +81,7 @@ def main() -> int:
     catalog = home / "catalog.yaml"
     catalog.write_text(f"""
 providers:
-  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, timeout_s: 30,
+  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: 30,
      pool: {{min_replicas: {args.pool_replicas}, max_replicas: {args.pool_replicas}}}}}
 models:
   - id: gpt-4o-mini

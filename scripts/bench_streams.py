@@ -73,7 +73,7 @@ def main() -> int:
     catalog = home / "catalog.yaml"
     catalog.write_text(f"""
 providers:
-  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, timeout_s: 60,
+  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: 60,
      pool: {{min_replicas: 1, max_replicas: 1}}}}
 models:
   - id: gpt-4o-mini

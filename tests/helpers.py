@@ -53,12 +53,14 @@ providers:
   - name: alpha
     base_url: {a.url}/v1
     format: openai
+    auth: none
     timeout_s: 2
     first_byte_timeout_s: 1.5
     connect_timeout_s: 1
   - name: beta
     base_url: {b.url}/v1
     format: openai
+    auth: none
     timeout_s: 2
     first_byte_timeout_s: 1.5
     connect_timeout_s: 1
@@ -66,14 +68,19 @@ providers:
     base_url: {a.url}/v1
     format: openai
     api_key_env: TREX_TEST_UNSET_PROVIDER_KEY
+  - name: keyless
+    base_url: {a.url}/v1
+    format: openai
   - name: claude
     base_url: {a.url}/v1
     format: anthropic
+    auth: none
     timeout_s: 2
     first_byte_timeout_s: 1.5
   - name: native
     base_url: {b.url}/v1
     format: openai
+    auth: none
     supports_responses: true
     timeout_s: 2
 models:
@@ -93,6 +100,9 @@ models:
   - id: byok-model
     candidates:
       - {{provider: byok, model: byok-upstream}}
+  - id: keyless-model
+    candidates:
+      - {{provider: keyless, model: keyless-upstream}}
   - id: claude-sonnet
     tier: standard
     price: {{input_per_mtok: 3.0, output_per_mtok: 15.0}}

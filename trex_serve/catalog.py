@@ -48,6 +48,9 @@ class Provider(_Strict):
     base_url: str
     format: Literal["openai", "anthropic"] = "openai"
     api_key_env: str | None = None
+    # "none": a self-hosted upstream (vLLM, Ollama, TGI) that takes no key, called without one when
+    # no binding exists. "key" (default): a managed key (api_key_env) or a bound key is required.
+    auth: Literal["key", "none"] = "key"
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float | None = Field(default=None, gt=0)
@@ -77,16 +80,15 @@ class Provider(_Strict):
     def upstream_key(self, key_id: str) -> UpstreamKey | None:
         return self._keys.get(key_id)
 
+    @model_validator(mode="after")
+    def _auth_consistent(self) -> Provider:
+        if self.auth == "none" and self.api_key_env:
+            raise ValueError("auth: none takes no api_key_env (a keyless upstream has no managed key)")
+        return self
+
     @property
     def first_byte_timeout(self) -> float:
         return self.first_byte_timeout_s or self.timeout_s
-
-    @property
-    def managed_route(self) -> bool:
-        """Whether a request may go here without a key of the account's own."""
-        if self.keys:
-            return any(k.secret() for k in self.keys)
-        return self.api_key_env is None or self.managed_key() is not None
 
     def managed_key(self) -> str | None:
         """The operator's own key for this provider, when the catalog names one and it is set."""
@@ -96,6 +98,10 @@ class Provider(_Strict):
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
+
+    def callable_without_binding(self) -> bool:
+        """True when a request may reach this provider with no key of the account's own."""
+        return self.auth == "none" or self.managed_key() is not None
 
 
 class Price(_Strict):

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from trex_serve import openapi
 from trex_serve.client_ip import client_address
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.front_id import front_secret, trusted_request_id
@@ -203,4 +204,5 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
 
     if extra is not None:
         extra(app)
+    openapi.install(app)
     return app

@@ -174,7 +174,7 @@ class KeyGate:
 
     def _callable(self, provider: str, bound: frozenset[str]) -> bool:
         spec = self.catalog.provider(provider)
-        return spec is not None and (provider in bound or spec.managed_route)
+        return spec is not None and (provider in bound or spec.callable_without_binding())
 
     def visible_models(self, principal: Principal) -> list[str]:
         ids = [SMART_AUTO] + [m.id for m in self.catalog.models]

@@ -25,6 +25,7 @@ from trex_serve.errors import (
 )
 from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
 from trex_serve.keyed_caller import KEYS_EXHAUSTED
+from trex_serve.messages import check_chat_messages, check_responses_input
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.records import RequestRecord
@@ -35,6 +36,7 @@ from trex_serve.settings import Settings
 from trex_serve.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
 
 JSON = "application/json"
+Route = tuple[Target, str | None]  # a target and the provider key to call it with
 log = logging.getLogger("trex.pipeline")
 
 
@@ -137,20 +139,21 @@ class Pipeline:
         call = Call(request_id or new_request_id(), "chat", client_ip)
         tracing.begin(call, trace_carrier)
         try:
-            payload, request, principal, resolution = await self._front(call, raw, ChatCompletionRequest,
-                                                                         authorization)
+            payload, request, principal, resolution = await self._front(
+                call, raw, ChatCompletionRequest, authorization, lambda p: check_chat_messages(p["messages"]))
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
             call.tokens_estimate = prompt_tokens + (max_out or 0)
+            routes = await self._routes(call, resolution, upstream_key)
             with tracing.step(call, "trex.admission"):
-                call.ticket, resolution = await self._admit(principal, ask, request)
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
             want_usage = bool((request.stream_options or {}).get("include_usage"))
             body = _dumps(payload)
-            return await self._attempts(call, resolution, lambda _t: ("chat", body), want_usage, upstream_key)
+            return await self._attempts(call, routes, lambda _t: ("chat", body), want_usage)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
@@ -158,13 +161,16 @@ class Pipeline:
             return await self._internal_error(call)
 
     async def _front(self, call: Call, raw: bytes, schema: type, authorization: str | None,
+                     check: Callable[[dict[str, Any]], None],
                      ) -> tuple[dict[str, Any], Any, Principal, Resolution]:
-        """What every generation request does first: parse, validate, authenticate, resolve the model."""
+        """What every generation request does first: parse, validate (the top-level fields, then
+        each message or input item), authenticate, resolve the model."""
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise InvalidRequest("The request body is not valid JSON.") from None
         request = parse_model(schema, payload)
+        check(payload)
         call.model_requested, call.stream = request.model, request.stream
         principal = call.principal = await self.gate.authenticate(authorization, call.client_ip)
         resolution = resolve(self.catalog, request.model, request.trex.routing if request.trex else None)
@@ -185,8 +191,8 @@ class Pipeline:
         call = Call(request_id or new_request_id(), "responses", client_ip)
         tracing.begin(call, trace_carrier)
         try:
-            payload, request, principal, resolution = await self._front(call, raw, ResponsesRequest,
-                                                                         authorization)
+            payload, request, principal, resolution = await self._front(
+                call, raw, ResponsesRequest, authorization, lambda p: check_responses_input(p.get("input")))
             try:
                 chat_payload = responses_to_chat(payload)
             except ResponsesInputError as exc:
@@ -195,8 +201,9 @@ class Pipeline:
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses",
                            request_id is not None)
             call.tokens_estimate = prompt_tokens + (request.max_output_tokens or 0)
+            routes = await self._routes(call, resolution, upstream_key)
             with tracing.step(call, "trex.admission"):
-                call.ticket, resolution = await self._admit(principal, ask, request)
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             native = dict(payload)
             native.pop("trex", None)
             chat_payload.pop("trex", None)
@@ -211,7 +218,7 @@ class Pipeline:
                 return "chat", chat_body
 
             call.response_request = payload
-            return await self._attempts(call, resolution, body_for, True, upstream_key)
+            return await self._attempts(call, routes, body_for, True)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
@@ -220,9 +227,10 @@ class Pipeline:
 
     # ---- admission ----------------------------------------------------------------------------
 
-    async def _admit(self, principal: Principal, ask: AdmitAsk, request: Any) -> tuple[Ticket, Resolution]:
+    async def _admit(self, call: Call, principal: Principal, ask: AdmitAsk, routes: list[Route],
+                     override: str | None) -> tuple[Ticket, list[Route]]:
         try:
-            return await self.gate.admit(principal, ask), ask.resolution
+            return await self.gate.admit(principal, ask), routes
         except PaymentRequired as exc:
             if exc.code != "insufficient_credits" or principal.billing_policy != "downgrade" \
                     or ask.resolution.smart_auto or not self.catalog.smart_auto:
@@ -230,14 +238,14 @@ class Pipeline:
         # The key's policy says: serve it on Smart Auto (the daily quota) instead of refusing.
         downgraded = resolve(self.catalog, SMART_AUTO, None)
         ask.resolution = downgraded
-        ticket = await self.gate.admit(principal, ask)
+        ticket = call.ticket = await self.gate.admit(principal, ask)
         ticket.downgraded = True
-        return ticket, downgraded
+        return ticket, await self._routes(call, downgraded, override)
 
     # ---- attempts and fallback ----------------------------------------------------------------
 
-    async def _keys(self, call: Call, targets: list[Target], override: str | None) -> list[tuple[Target, str | None]]:
-        usable: list[tuple[Target, str | None]] = []
+    async def _keys(self, call: Call, targets: list[Target], override: str | None) -> list[Route]:
+        usable: list[Route] = []
         missing: list[str] = []
         first = True
         for target in targets:
@@ -257,13 +265,15 @@ class Pipeline:
 
     def _managed(self, provider: str) -> bool:
         p = self.catalog.provider(provider)
-        return p is not None and p.managed_route
+        return p is not None and p.callable_without_binding()
 
-    async def _attempts(self, call: Call, resolution: Resolution,
-                        body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool,
-                        override: str | None) -> Answer:
-        ordered = self.planner.order(resolution)
-        targets = await self._keys(call, ordered, override)
+    async def _routes(self, call: Call, resolution: Resolution, override: str | None) -> list[Route]:
+        """The targets in the order to try, each with its key. Runs before admission: a request
+        no provider can take (424, or 503 with every circuit open) moves no counter at all."""
+        return await self._keys(call, self.planner.order(resolution), override)
+
+    async def _attempts(self, call: Call, targets: list[Route],
+                        body_for: Callable[[Target], tuple[str, bytes]], want_usage: bool) -> Answer:
         deadline = call.started + self.settings.request_deadline_s
         last: hop.HopResponse | None = None
         for target, key in targets[: self.settings.max_attempts]:

@@ -63,6 +63,20 @@ def _qualified(catalog: Catalog, name: str) -> list[Target] | None:
     return []
 
 
+def _unknown_fallback(catalog: Catalog, provider: str, model: str) -> str:
+    """Why a fallback pair is refused, naming what is allowed. Only catalog routes are: a request
+    is billed at the catalog's prices, and a pair the catalog does not list has none."""
+    head = f"Fallback {provider}/{model} is not a route in the catalog (requests are billed at catalog prices)."
+    if catalog.provider(provider) is None:
+        names = ", ".join(p.name for p in catalog.providers)
+        return f"{head} Unknown provider {provider!r}; providers: {names}."
+    pairs = [f"{provider}/{c.model}" + ("" if c.model == m.id else f" (model {m.id})")
+             for m in catalog.models for c in m.candidates if c.provider == provider]
+    if not pairs:
+        return f"{head} Provider {provider!r} serves no model in the catalog."
+    return f"{head} Routes of {provider!r}: {', '.join(pairs)}."
+
+
 def resolve(catalog: Catalog, requested: str, routing: TrexRouting | None) -> Resolution:
     """The candidate chain for a request, before health is applied. Raises ModelNotFound."""
     pinned = False
@@ -93,10 +107,8 @@ def resolve(catalog: Catalog, requested: str, routing: TrexRouting | None) -> Re
         for i, fb in enumerate(routing.fallbacks):
             found = _qualified(catalog, f"{fb.provider}/{fb.model}")
             if not found:
-                raise InvalidRequest(
-                    f"Fallback {fb.provider}/{fb.model} is not in the catalog.",
-                    param=f"trex.routing.fallbacks.{i}",
-                )
+                raise InvalidRequest(_unknown_fallback(catalog, fb.provider, fb.model),
+                                     param=f"trex.routing.fallbacks[{i}]")
             extra.extend(found)
         # Explicit fallbacks come right after the primary, then the rest of the catalog chain.
         merged = [targets[0], *extra, *targets[1:]]

@@ -40,14 +40,10 @@ class TrexExtension(BaseModel):
     routing: TrexRouting = Field(default_factory=TrexRouting)
 
 
-class ChatMessage(_Open):
-    role: str
-    content: Any = None
-
-
 class ChatCompletionRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    # Each message is checked role by role in trex_serve.messages (plain dicts, no model per message).
+    messages: list[Any] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
@@ -81,10 +77,22 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def param_path(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """A field path the way OpenAI writes it: ``messages[0].content``, ``trex.routing.fallbacks[1]``."""
+    out = ""
+    for part in loc:
+        if part == "__root__":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
 def _param_of(exc: ValidationError) -> tuple[str | None, str]:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-    return (loc or None), err.get("msg", "invalid value")
+    return param_path(err.get("loc", ())), err.get("msg", "invalid value")
 
 
 def parse_model(cls: type[BaseModel], payload: Any) -> Any:

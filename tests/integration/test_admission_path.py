@@ -107,6 +107,58 @@ async def test_binding_missing_then_override_then_bound_key(gw):
     assert "sk-override" not in logs and "sk-bound" not in logs
 
 
+async def test_provider_without_a_key_needs_a_binding_and_a_refusal_changes_nothing(gw):
+    from tests.integration.test_hardening_input import State, assert_unchanged
+
+    acc = await account(gw, credits=5)
+    key = await new_key(gw, acc)
+    state = State(gw, acc, key)
+    assert (await chat(gw, key["key"])).status_code == 200  # warm the key cache and the balance
+    auth = {"Authorization": f"Bearer {key['key']}"}
+    ids = [m["id"] for m in (await gw.get("/v1/models", headers=auth)).json()["data"]]
+    assert "gpt-4o-mini" in ids and "keyless-model" not in ids and "byok-model" not in ids
+    assert (await gw.get("/v1/models/keyless-model", headers=auth)).status_code == 404
+    before = await state.snap()
+    for stream in (False, True):
+        r = await chat(gw, key["key"], model="keyless-model", stream=stream)
+        assert (r.status_code, code(r)) == (424, "provider_binding_missing")
+        err = r.json()["error"]
+        assert "keyless" in err["message"] and err["trex"]["providers"] == ["keyless"]
+        assert r.headers["x-trex-attempts"] == "0"
+    r = await gw.post("/v1/responses", json={"model": "keyless-model", "input": "hi"}, headers=auth)
+    assert (r.status_code, code(r)) == (424, "provider_binding_missing")
+    # Not admitted (RPM, quota, leases untouched), not charged, nothing sent upstream.
+    assert_unchanged(before, await state.snap())
+    await gw.put(f"/admin/v1/accounts/{acc['id']}/bindings/keyless", json={"api_key": "sk-own-4321"}, headers=OP)
+    ids = [m["id"] for m in (await gw.get("/v1/models", headers=auth)).json()["data"]]
+    assert "keyless-model" in ids
+    r = await chat(gw, key["key"], model="keyless-model")
+    assert r.status_code == 200 and gw.mocks["alpha"].stats()["last_auth"] == "Bearer sk-own-4321"
+
+
+async def test_auth_none_provider_is_called_without_any_authorization(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    r = await chat(gw, key["key"])
+    assert r.status_code == 200 and r.headers["x-trex-upstream-provider"] == "alpha"
+    stats = gw.mocks["alpha"].stats()
+    assert stats["last_model"] == "alpha-mini" and stats["last_auth"] is None
+
+
+async def test_fallback_outside_the_catalog_is_400_naming_the_allowed_pairs(gw):
+    acc = await account(gw)
+    key = await new_key(gw, acc)
+    before = gw.mocks["alpha"].stats()["requests"]
+    r = await chat(gw, key["key"], trex={"routing": {"fallbacks": [{"provider": "beta", "model": "gpt-9"}]}})
+    assert (r.status_code, code(r)) == (400, "invalid_request_error")
+    err = r.json()["error"]
+    assert err["param"] == "trex.routing.fallbacks[0]"
+    assert "beta/beta-mini" in err["message"] and "beta/beta-big" in err["message"]
+    assert gw.mocks["alpha"].stats()["requests"] == before
+    r = await chat(gw, key["key"], trex={"routing": {"fallbacks": [{"provider": "beta", "model": "beta-mini"}]}})
+    assert r.status_code == 200
+
+
 async def test_model_allow_list_and_plan_premium(gw):
     acc = await account(gw, plan="tight")
     key = await new_key(gw, acc, models=["gpt-4o-mini"])

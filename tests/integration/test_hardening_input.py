@@ -8,6 +8,7 @@ unchanged, and no upstream call made.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -162,12 +163,55 @@ async def test_wrong_types_for_every_main_field(gw, victim):
         r = await gw.post(CHAT, json={**GOOD, field: value}, headers=auth(key))
         assert r.status_code == 400, (field, value, r.text)
         err = assert_envelope(r)
-        assert err["param"] and err["param"].split(".")[0] == field, (field, value, err)
+        assert err["param"] and re.split(r"[.\[]", err["param"])[0] == field, (field, value, err)
     for field, value in RESP_WRONG_TYPES:
         r = await gw.post(RESP, json={"model": "gpt-4o-mini", "input": "hi", field: value}, headers=auth(key))
         assert r.status_code == 400, (field, value, r.text)
         assert_envelope(r)
     assert_unchanged(before, await state.snap())
+
+
+MALFORMED_MESSAGES = [
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user"}]}, "messages[0].content"),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "x"}, {"role": "wizard",
+                                                                                     "content": "x"}]},
+     "messages[1].role"),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
+     "messages[1].content"),
+    (CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
+    (CHAT, {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     "messages[0].content[0].text"),
+    (RESP, {"model": "gpt-4o-mini", "input": [{"role": "user"}]}, "input[0].content"),
+    (RESP, {"model": "gpt-4o-mini", "input": [{"type": "function_call_output", "output": "x"}]},
+     "input[0].call_id"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", MALFORMED_MESSAGES)
+async def test_malformed_messages_are_400_naming_the_path_and_change_nothing(gw, victim, path, body, param):
+    acc, key, state = victim
+    before = await state.snap()
+    r = await gw.post(path, json=body, headers=auth(key))
+    assert r.status_code == 400, r.text
+    err = assert_envelope(r)
+    assert (err["code"], err["type"], err["param"]) == ("invalid_request_error", "invalid_request_error", param)
+    assert r.headers["x-trex-attempts"] == "0"
+    # Refused while validating, before authentication: not admitted, not charged, not sent, not logged.
+    assert await state.snap() == before
+
+
+async def test_well_formed_tool_conversation_with_unknown_fields_is_served(gw, victim):
+    acc, key, state = victim
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}, "x_new": 1}
+    body = {"model": "gpt-4o-mini", "some_new_param": {"a": [1]}, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "rules", "cache_hint": "new"}]},
+        {"role": "user", "content": "what is f?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"}]}
+    r = await gw.post(CHAT, json=body, headers=auth(key))
+    assert r.status_code == 200, r.text
+    sent = gw.mocks["alpha"].stats()["last_body"]
+    assert sent["some_new_param"] == {"a": [1]} and sent["messages"][2]["tool_calls"][0]["x_new"] == 1
 
 
 async def test_responses_stream_is_a_strict_boolean(gw, victim):

@@ -38,6 +38,7 @@ providers:
       - {{env: TREX_T16_KEY_C, id: key-c, weight: 2{budget('key-c')}}}
   - name: beta
     base_url: {mocks['beta'].url}/v1
+    auth: none
     timeout_s: 5
 models:
   - id: gpt-4o-mini

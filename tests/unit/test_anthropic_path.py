@@ -24,12 +24,14 @@ providers:
   - name: claude
     base_url: {claude.url}/v1
     format: anthropic
+    auth: none
     timeout_s: 2
     first_byte_timeout_s: 1.5
     connect_timeout_s: 1
   - name: alpha
     base_url: {alpha.url}/v1
     format: openai
+    auth: none
     timeout_s: 2
     first_byte_timeout_s: 1.5
     connect_timeout_s: 1

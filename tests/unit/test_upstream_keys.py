@@ -23,9 +23,9 @@ def test_catalog_reads_several_keys_with_weights_and_budgets(monkeypatch):
     assert [k.key_id for k in p.keys] == ["TREX_T_KEY_A", "backup"]
     assert (p.keys[0].weight, p.keys[0].rpm, p.keys[0].tpm) == (2, 500, 90000)
     assert p.upstream_key("backup").env == "TREX_T_KEY_B"
-    assert p.managed_route  # one of the keys is set
+    assert p.callable_without_binding()  # one of the keys is set
     monkeypatch.delenv("TREX_T_KEY_A")
-    assert not p.managed_route  # none is: accounts must bind their own key
+    assert not p.callable_without_binding()  # none is: accounts must bind their own key
 
 
 @pytest.mark.parametrize("provider, field", [
