@@ -91,6 +91,7 @@ class SettleRequest:
     velocity_window_s: int | None = None
     velocity_max_micro: int | None = None
     now: float | None = None
+    reason: str = ""  # text of the ledger row a charge appends (lua/settle.lua)
 
 
 @dataclass(slots=True)

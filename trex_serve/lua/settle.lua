@@ -1,7 +1,11 @@
 -- Settlement in one atomic call: release the lease, settle quota or credits from the admission
 -- record, track velocity. Idempotent: the record is consumed, so a second call does nothing.
 -- ARGV: 1 prefix, 2 request_id, 3 success (1|0), 4 tokens (actual, in+out), 5 charge_micro,
--- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro.
+-- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro,
+-- 9 ledger reason (text of the charge row).
+-- A charge is appended to the ledger stream ({P}stream:ledger) in this same atomic step, and counted
+-- in {P}unbooked:{account} until a drainer has committed it to SQL (streams.py): a charge settled
+-- here reaches the SQL ledger even if this replica dies the next moment.
 -- Returns {settled, billing, charged, refunded, balance_after(-1 = n/a), velocity_exceeded,
 --          velocity_micro}
 local rid = ARGV[2]
@@ -12,6 +16,11 @@ local vw, vmax = tonumber(ARGV[7]), tonumber(ARGV[8])
 local r = release(rid, success, tokens, charge)
 if not r then return {0, '', 0, 0, -1, 0, 0} end
 local charged = r[2]
+if charged > 0 then
+  redis.call('XADD', P .. 'stream:ledger', '*', 'a', r[6], 'k', r[5], 'r', rid, 'amt', I(charged),
+    'why', ARGV[9] or '', 'ms', I(math.floor(now_from(ARGV[6]) * 1000)))
+  redis.call('INCRBY', P .. 'unbooked:' .. r[6], I(charged))
+end
 local exceeded, vsum = 0, 0
 if vw > 0 and vmax >= 0 and charged > 0 then
   -- Rolling window per key: a sorted set of 'request_id|amount' scored by time (ms) and a running
