@@ -131,7 +131,7 @@ class StreamDrainer:
         self._lock = asyncio.Lock()
         self._group_ready = False
         self._claim_from = "0-0"
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.closing = False
 
     # -- one pass --------------------------------------------------------------------------------
@@ -219,34 +219,38 @@ class StreamDrainer:
     # -- background loop -------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"drain-{self.name}")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._run(), name=f"drain-{self.name}"),
+                           loop.create_task(self._watch(), name=f"drain-stats-{self.name}")]
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        backoff, next_try = self.interval_s, 0.0
+        backoff = self.interval_s
+        while not self.closing:
+            try:
+                ok = await self.drain_once()
+            except (RedisError, OSError) as exc:
+                log.warning("%s stream: Redis unavailable (%s)", self.name, exc)
+                ok = False
+            backoff = self.interval_s if ok else min(5.0, backoff * 2)
+            await asyncio.sleep(backoff)
+
+    async def _watch(self) -> None:
+        # Apart from the drain loop: a write stuck on a locked database must not freeze the gauges.
         while not self.closing:
             with contextlib.suppress(RedisError, OSError):
                 await self.refresh_stats()
-            if loop.time() >= next_try:
-                try:
-                    ok = await self.drain_once()
-                except (RedisError, OSError) as exc:
-                    log.warning("%s stream: Redis unavailable (%s)", self.name, exc)
-                    ok = False
-                backoff = self.interval_s if ok else min(5.0, backoff * 2)
-                next_try = loop.time() + (0 if ok else backoff)
             await asyncio.sleep(self.interval_s)
 
     async def close(self, timeout_s: float = 3.0) -> None:
         """Stop; commit what can be committed within ``timeout_s``. What is left stays in Redis
         for another replica (or the next start)."""
         self.closing = True
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout_s):
                 if await self.drain_once():

@@ -236,6 +236,13 @@ async def test_usage_read_right_after_an_answer_shows_its_charge(gw, database_ur
             assert credits["ledger_balance_micro"] == 3_000_000, "the SQL ledger is behind ..."
             assert credits["granted_micro"] - credits["charged_micro"] - credits["reserved_micro"] == \
                 credits["balance_micro"]
+        # /metrics shows the ledger row waiting for the database (the gauge is read apart from the
+        # drain, which is stuck on the lock).
+        async def gauged() -> bool:
+            text = (await gw.get("/metrics")).text
+            return 'trex_stream_backlog{stream="ledger"} 1.0' in text
+
+        await eventually(gauged)
     # ... and catches up.
     async def booked() -> bool:
         await gw.runtime.ledger.flush_once()
@@ -247,8 +254,9 @@ async def test_usage_read_right_after_an_answer_shows_its_charge(gw, database_ur
 
 
 async def test_a_sigkilled_replica_loses_no_settled_charge(mocks, tmp_path, redis_url, key_prefix):
-    """Premium requests answered by replica A while the database refuses writes; A has read the
-    ledger rows from the stream and is SIGKILLed before it could commit them. Replica B claims them."""
+    """Premium requests answered by replica A while the database refuses writes; A has read ledger
+    rows from the stream and is SIGKILLed before it could commit them. Replica B claims what A read
+    and reads the rest."""
     from tests.integration.replica_process import ReplicaProcess
 
     for m in mocks.values():
@@ -274,9 +282,10 @@ async def test_a_sigkilled_replica_loses_no_settled_charge(mocks, tmp_path, redi
                 assert await counters.get_balance(acc["id"]) == start - cost
 
                 async def read_by_a() -> bool:
-                    return await pending_count(counters, "ledger") == 12
+                    return await pending_count(counters, "ledger") >= 1
 
-                await eventually(read_by_a)  # A holds them, its database write blocked
+                # A holds what it read (its database write blocked); the rest it never read.
+                await eventually(read_by_a)
                 a.kill()
             b = ReplicaProcess(catalog, db, redis_url, key_prefix, claim_idle_ms=500)
             await eventually(lambda: _ledger_rows(engine, acc["id"], 14), timeout=30)
