@@ -206,6 +206,17 @@ class StreamDrainer:
                 if not await self._commit(entries):
                     return False
 
+    async def forget_quiet_consumers(self, idle_ms: int = 3_600_000) -> int:
+        """Remove consumers (dead replicas) that hold nothing and were quiet for ``idle_ms``; a live
+        consumer removed by mistake is recreated by its next read."""
+        gone = 0
+        for c in await self.client.xinfo_consumers(self.key, GROUP):
+            name = c["name"] if isinstance(c["name"], str) else c["name"].decode()
+            if int(c["pending"]) == 0 and int(c["idle"]) >= idle_ms and name != self.consumer:
+                await self.client.xgroup_delconsumer(self.key, GROUP, name)
+                gone += 1
+        return gone
+
     async def refresh_stats(self) -> None:
         pipe = self.client.pipeline(transaction=False)
         pipe.xlen(self.key)
@@ -237,9 +248,13 @@ class StreamDrainer:
 
     async def _watch(self) -> None:
         # Apart from the drain loop: a write stuck on a locked database must not freeze the gauges.
+        turns = 0
         while not self.closing:
             with contextlib.suppress(RedisError, OSError):
                 await self.refresh_stats()
+                if turns % 3000 == 0:  # every ~10 min at 0.2 s
+                    await self.forget_quiet_consumers()
+            turns += 1
             await asyncio.sleep(self.interval_s)
 
     async def close(self, timeout_s: float = 3.0) -> None:

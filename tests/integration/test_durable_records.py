@@ -108,6 +108,10 @@ async def test_a_dead_consumers_entries_are_claimed_and_each_row_written_once(st
     assert await counters.client.xlen(stream_key(counters.prefix, "ledger")) == 0
     assert repo.ledger_sum(acc) == await counters.get_balance(acc)
     assert (await reconcile(database_url, redis_url, "x", prefix=counters.prefix))["mismatched"] == 0
+    # The dead consumer, holding nothing any more, is forgotten; the live one stays.
+    assert await live.forget_quiet_consumers(idle_ms=0) == 1
+    names = {c["name"] for c in await counters.client.xinfo_consumers(live.key, GROUP)}
+    assert names == {"live"}
     # The dead consumer's late acknowledgement (had it survived) changes nothing.
     await live._ack(keys=[live.key], args=[GROUP, counters.prefix, read[0][0], acc, amounts[0]])
     assert await counters.unbooked(acc) == 0
