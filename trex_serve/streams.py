@@ -192,13 +192,15 @@ class StreamDrainer:
     async def drain_once(self) -> bool:
         """Commit everything this consumer can take now; False if the database refused a batch."""
         async with self._lock:
+            regroups = 0
             while True:
                 try:
                     await self._ensure_group()
                     entries = await self._next_batch()
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    if "NOGROUP" not in str(exc) or regroups >= 2:
                         raise
+                    regroups += 1
                     self._group_ready = False  # Redis lost the stream (restart without persistence)
                     continue
                 if not entries:
