@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
 from trex_serve.admin_api import PutBinding, _Body, _dump, _int_query, _json_body, reject_null
+from trex_serve.balances import apply_live, credit_view
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.risk_settings import RiskSettings
 from trex_serve.schemas import parse_model
 from trex_serve.store.models import RequestLog
-from trex_serve.store.repository import KeyLimits, as_utc, credits
+from trex_serve.store.repository import KeyLimits, as_utc
 
 if TYPE_CHECKING:
     from trex_serve.runtime import Runtime
@@ -239,12 +240,10 @@ def build_account_router(runtime: Runtime) -> APIRouter:
     async def usage(me: Principal = Me) -> dict[str, Any]:
         acc = await call(repo.get_account, me.account_id)
         totals = await call(repo.ledger_totals, me.account_id)
-        view: dict[str, Any] = {name: credits(value) for name, value in totals.items()}
-        view.update({f"{name}_micro": value for name, value in totals.items()})
         out: dict[str, Any] = {"object": "usage", "account_id": me.account_id,
-                               "plan": acc["plan"] if acc else None, "credits": view, "quota": {}}
+                               "plan": acc["plan"] if acc else None, "credits": credit_view(totals), "quota": {}}
         try:
-            out.update(await runtime._usage(me.account_id))
+            apply_live(out, totals, await runtime._usage(me.account_id))
         except Exception:
             log.exception("usage(%s) failed", me.account_id)
             out["quota"] = {"error": "live counters unavailable"}

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import exc as sa_exc
 
+from trex_serve.balances import apply_live, credit_view
 from trex_serve.errors import AuthError, InvalidRequest, NotFound, ServiceUnavailable
 from trex_serve.risk_settings import RiskSettings
 from trex_serve.schemas import parse_model
@@ -29,7 +30,7 @@ log = logging.getLogger("trex.admin")
 
 OnChange = Callable[[str, str], Awaitable[None]]
 UsageExtra = Callable[[str], Awaitable[dict[str, Any]]]
-OnCredits = Callable[[str, int], Awaitable[None]]
+OnCredits = Callable[[str, int], Awaitable[int | None]]  # -> the live balance, if known
 
 MAX_CREDITS_PER_GRANT = 1_000_000_000.0
 
@@ -305,22 +306,19 @@ def build_admin_router(
 
     # ------------------------------------------------------------ credits and usage
 
-    def credit_view(totals: dict[str, int]) -> dict[str, Any]:
-        view: dict[str, Any] = {name: credits(value) for name, value in totals.items()}
-        view.update({f"{name}_micro": value for name, value in totals.items()})
-        return view
-
     @router.post("/accounts/{account_id}/credits")
     async def grant_credits(account_id: str, request: Request) -> dict[str, Any]:
         body = parse_model(GrantCredits, await _json_body(request))
         amount_micro = to_micro(body.amount)
         row = await call(repo.grant_credits, account_id, amount_micro, body.reason or "operator grant")
+        live = None
         if on_credits is not None:
             try:
-                await on_credits(account_id, amount_micro)
+                live = await on_credits(account_id, amount_micro)
             except Exception:
                 log.exception("on_credits(%s) failed", account_id)
-        balance = await call(repo.ledger_sum, account_id)
+        # Read your writes: the live balance (every answered request in it) when Redis has one.
+        balance = live if isinstance(live, int) else await call(repo.ledger_sum, account_id)
         return {"account_id": account_id, "balance": credits(balance), "balance_micro": balance,
                 "ledger": row}
 
@@ -342,7 +340,7 @@ def build_admin_router(
         }
         if usage_extra is not None:
             try:
-                out.update(await usage_extra(account_id))
+                apply_live(out, totals, await usage_extra(account_id))
             except Exception:
                 log.exception("usage_extra(%s) failed", account_id)
                 out["quota"] = {"error": "live counters unavailable"}

@@ -93,6 +93,7 @@ class SettleRequest:
     velocity_max_micro: int | None = None
     now: float | None = None
     replay_ttl_s: int = 0  # > 0: mark a successful settlement so a replay of this id is not charged again
+    reason: str = ""  # text of the ledger row a charge appends (lua/settle.lua)
 
 
 @dataclass(slots=True)

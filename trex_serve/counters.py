@@ -341,7 +341,8 @@ class CounterStore:
         return result
 
     async def settle(self, req: SettleRequest) -> SettleResult:
-        """Release the lease and settle quota or credits in one round trip; idempotent."""
+        """Release the lease and settle quota or credits in one round trip; idempotent. A charge's
+        ledger row goes into the ledger stream in the same step (``streams.py`` drains it to SQL)."""
         vw = int(req.velocity_window_s or 0)
         vmax = req.velocity_max_micro
         if vmax is None:
@@ -356,6 +357,7 @@ class CounterStore:
             vw,
             int(vmax or 0),
             max(0, int(req.replay_ttl_s)),
+            req.reason[:500],
         ]
         return _parse_settle(await self._call("settle", args))
 
@@ -392,6 +394,10 @@ class CounterStore:
         balance, or None when Redis has no balance (the next ensure_balance loads it from SQL)."""
         new = await self._cmd(self._evalsha_keys("grant", [self._k("bal", account_id)], [int(micro)]))
         return None if new is None else int(new)
+
+    async def unbooked(self, account_id: str) -> int:
+        """Micro-credits charged in Redis whose ledger rows still wait in the stream (not in SQL yet)."""
+        return int(await self._cmd(self.client.get(self._k("unbooked", account_id))) or 0)
 
     async def drop_balance(self, account_id: str) -> None:
         """Forget the cached balance (the next credit admission reloads it from the ledger)."""

@@ -49,13 +49,12 @@ def _strictest(a: float | int | None, b: float | int | None) -> float | int | No
 
 class KeyGate:
     def __init__(self, catalog: Catalog, repo: Repository, counters: CounterStore, *,
-                 auth_failures_per_minute: int = 20, ledger: Callable[[dict[str, Any]], Any] | None = None,
+                 auth_failures_per_minute: int = 20,
                  risk_event: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.catalog = catalog
         self.repo = repo
         self.counters = counters
         self.auth_failures_per_minute = auth_failures_per_minute
-        self.ledger = ledger or (lambda _row: None)
         self.risk_event = risk_event or (lambda _row: None)
         self._cache: dict[str, tuple[KeyContext, float]] = {}
         self._secrets: dict[tuple[str, str, str], str | None] = {}
@@ -250,7 +249,11 @@ class KeyGate:
                       replayable=ask.replayable, replay=result.replay)
 
     async def _balance(self, account_id: str) -> int:
-        return await asyncio.to_thread(self.repo.ledger_sum, account_id)
+        # The ledger, then the charges still on their way to it. A row leaves the unbooked count only
+        # after its commit, so read in this order a row is missed only if it is both committed and
+        # acknowledged between the two reads (`billing reconcile` would report it).
+        booked = await asyncio.to_thread(self.repo.ledger_sum, account_id)
+        return booked - await self.counters.unbooked(account_id)
 
     def _refuse(self, result, ctx: KeyContext, headers: dict[str, str]) -> None:
         code = result.code
@@ -317,13 +320,10 @@ class KeyGate:
             tokens_in=settlement.prompt_tokens, tokens_out=settlement.completion_tokens, charge_micro=charge,
             velocity_window_s=velocity.window_s if velocity else None,
             velocity_max_micro=billing.micro_from_credits(velocity.max_credits) if velocity else None,
-            replay_ttl_s=REPLAY_MARK_TTL_S if ticket.replayable else 0))
+            replay_ttl_s=REPLAY_MARK_TTL_S if ticket.replayable else 0,
+            # The charge's ledger row: settle.lua appends it to the ledger stream in the same step.
+            reason=f"{settlement.public_model} {settlement.prompt_tokens}+{settlement.completion_tokens} tokens"))
         ctx: KeyContext = ticket.principal.context
-        if result.charged_micro:
-            self.ledger({"account_id": ctx.account_id, "key_id": ctx.key_id, "request_id": ticket.request_id,
-                         "kind": "charge", "amount": -result.charged_micro,
-                         "reason": f"{settlement.public_model} {settlement.prompt_tokens}+"
-                                   f"{settlement.completion_tokens} tokens"})
         if result.velocity_exceeded:
             await self._suspend(ctx, result.velocity_micro, velocity)
         return result.charged_micro

@@ -17,6 +17,8 @@ for the local replica, and merges them:
 * ``trex_upstream_health_score`` and ``trex_circuit_state`` take the **max**: every replica holds a
   copy of the same Router table, so summing would multiply it by the replica count. (During a table
   publish two replicas may briefly disagree, so a target may for one scrape show 1 for two states.)
+  So do ``trex_stream_backlog`` and ``trex_stream_unacked``: every replica reads the same Redis
+  streams (the newest reading wins over an older one only by being larger; both are seconds old).
 * ``*_created`` series are dropped (a sum of creation timestamps means nothing);
 * ``trex_ingress_replicas`` is added: the number of replicas whose snapshot went into the merge.
 """
@@ -47,7 +49,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    30.0, 60.0, 120.0)
 CIRCUIT_STATES = ("closed", "open", "half_open")
 # Gauge families merged with max() instead of sum(): per-target views every replica shares.
-MAX_MERGED = frozenset({"trex_upstream_health_score", "trex_circuit_state"})
+MAX_MERGED = frozenset({"trex_upstream_health_score", "trex_circuit_state", "trex_stream_backlog",
+                        "trex_stream_unacked"})
 REPLICAS_METRIC = "trex_ingress_replicas"
 COUNTER_STORE_UP = "trex_counter_store_up"
 # Written by `trex-serve billing reconcile`, read back on every scrape (trex_serve/reconcile.py).
@@ -59,6 +62,11 @@ class _WriterLike(Protocol):
 
     @property
     def pending(self) -> int: ...
+
+
+class _StreamLike(Protocol):
+    backlog: int
+    unacked: int
 
 
 def _label(value: Any, default: str = "none") -> str:
@@ -100,6 +108,11 @@ class GatewayMetrics:
                                  ["writer"], registry=r)
         self.log_pending = Gauge("trex_log_rows_pending", "Rows waiting in a batch writer's buffer.",
                                  ["writer"], registry=r)
+        self.stream_backlog = Gauge("trex_stream_backlog", "Entries of a durable Redis stream not yet in SQL.",
+                                    ["stream"], registry=r)
+        self.stream_unacked = Gauge("trex_stream_unacked",
+                                    "Stream entries read by a replica and not yet committed and acknowledged.",
+                                    ["stream"], registry=r)
         self.suspensions = Gauge("trex_key_suspensions_total", "Keys suspended by the key gate.", registry=r)
         self._targets: set[tuple[str, str]] = set()
 
@@ -144,9 +157,12 @@ class GatewayMetrics:
 
     # ---- periodic gauges --------------------------------------------------------------------------
 
-    def refresh(self, table: Any, writers: Mapping[str, _WriterLike], suspensions: int) -> None:
+    def refresh(self, table: Any, writers: Mapping[str, _WriterLike], suspensions: int,
+                streams: Mapping[str, _StreamLike] | None = None) -> None:
         """Set the gauges. ``table`` is a ``RoutingTable`` (or ``None``), ``writers`` maps a name to a
-        ``BatchWriter``-like object (``.dropped``, ``.pending``), ``suspensions`` is ``gate.suspensions``."""
+        ``BatchWriter``-like object (``.dropped``, ``.pending``: this replica's memory), ``suspensions``
+        is ``gate.suspensions``, ``streams`` maps a name to a ``StreamDrainer`` (``.backlog``,
+        ``.unacked``: the shared Redis stream as last read)."""
         health = dict(getattr(table, "health", None) or {})
         for provider, model in self._targets - set(health):  # targets gone from the catalog
             with contextlib.suppress(KeyError):
@@ -163,6 +179,9 @@ class GatewayMetrics:
         for name, writer in writers.items():
             self.log_dropped.labels(name).set(writer.dropped)
             self.log_pending.labels(name).set(writer.pending)
+        for name, stream in (streams or {}).items():
+            self.stream_backlog.labels(name).set(stream.backlog)
+            self.stream_unacked.labels(name).set(stream.unacked)
         self.suspensions.set(suspensions)
 
     def exposition(self) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +24,7 @@ from trex_serve.records import RequestRecord
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
 from trex_serve.store.repository import Repository
+from trex_serve.streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.upstream_keys import KeyStore
 from trex_serve.writer import BatchWriter
 
@@ -34,11 +37,14 @@ class Runtime:
         self.catalog = catalog
         self.repo = repo
         self.counters = counters
-        self.logs = BatchWriter("logs", repo.insert_logs)
-        self.ledger = BatchWriter("ledger", repo.append_ledger, interval_s=0.05)
-        self.risk_events = BatchWriter("risk", self._write_risk_events)
+        # Every record becomes durable in a Redis stream and is drained into SQL by every replica
+        # (streams.py); the ledger's rows are appended by the settlement script itself.
+        self.consumer = consumer_name()
+        self.ledger = self._channel("ledger", repo.append_ledger, with_writer=False)
+        self.logs = self._channel("logs", repo.insert_logs)
+        self.risk_events = self._channel("risk", repo.add_risk_events)
         self.gate = KeyGate(catalog, repo, counters, auth_failures_per_minute=settings.auth_failures_per_minute,
-                            ledger=self.ledger.put, risk_event=self.risk_events.put)
+                            risk_event=self._risk_event)
         self._tasks: list[asyncio.Task] = []
         self.metrics = GatewayMetrics()
         self.metrics_exchange = MetricsExchange(counters.client, counters.prefix, None, self.metrics)
@@ -82,10 +88,21 @@ class Runtime:
         runtime.start()
         return runtime
 
+    def _channel(self, name: str, write: Any, with_writer: bool = True) -> DurableChannel:
+        client, prefix = self.counters.client, self.counters.prefix
+        drainer = StreamDrainer(client, prefix, name, write, consumer=self.consumer,
+                                claim_idle_ms=self.settings.stream_claim_idle_ms)
+        # wake_at=1: each event-loop turn's rows leave for Redis together, right after the turn.
+        writer = BatchWriter(name, appender(client, prefix, name), wake_at=1) if with_writer else None
+        return DurableChannel(drainer, writer)
+
+    def _risk_event(self, row: dict[str, Any]) -> None:
+        self.risk_events.put({**row, "event_id": uuid.uuid4().hex, "created_at": time.time()})
+
     def start(self) -> None:
         tracing.setup("ingress")
-        for writer in (self.logs, self.ledger, self.risk_events):
-            writer.start()
+        for channel in (self.logs, self.ledger, self.risk_events):
+            channel.start()
         self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
         self._tasks.append(asyncio.get_running_loop().create_task(self._retention_loop(), name="log-retention"))
         self.metrics_exchange.start()
@@ -97,8 +114,8 @@ class Runtime:
         if self._tasks:
             # Bounded: redis-py may hold a cancelled pub/sub read until its next timeout.
             await asyncio.wait(self._tasks, timeout=3.0)
-        for writer in (self.logs, self.ledger, self.risk_events):
-            await writer.close()
+        for channel in (self.logs, self.ledger, self.risk_events):
+            await channel.close()
         await self.metrics_exchange.stop()
         await self.counters.aclose()
         if tracing.enabled():
@@ -123,10 +140,6 @@ class Runtime:
                 log.warning("log retention pass failed; will retry", exc_info=True)
             await asyncio.sleep(every_s)
 
-    def _write_risk_events(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.repo.add_risk_event(**row)
-
     def record(self, rec: RequestRecord) -> None:
         self.logs.put(rec.row())
         for observer in self.observers:
@@ -144,6 +157,7 @@ class Runtime:
         used = await self.counters.quota_usage(account_id)
         limits = plan.daily_quota if plan else None
         live = await self.counters.get_balance(account_id)
+        unbooked = await self.counters.unbooked(account_id)
         quota = {
             "requests_used": used.get("requests", 0), "tokens_used": used.get("tokens", 0),
             "requests_limit": limits.requests if limits else None, "tokens_limit": limits.tokens if limits else None,
@@ -152,16 +166,17 @@ class Runtime:
         for what in ("requests", "tokens"):
             limit = quota[f"{what}_limit"]
             quota[f"{what}_left"] = None if limit is None else max(0, limit - quota[f"{what}_used"])
-        return {"quota": quota, "live_balance_micro": live}
+        return {"quota": quota, "live_balance_micro": live, "unbooked_micro": unbooked}
 
-    async def _on_credits(self, account_id: str, micro: int) -> None:
-        await self.counters.grant(account_id, micro)
+    async def _on_credits(self, account_id: str, micro: int) -> int | None:
+        return await self.counters.grant(account_id, micro)
 
     def refresh_metrics(self) -> None:
         table = self.planner.table if self.planner is not None else None
         if table is not None:
-            self.metrics.refresh(table, {"logs": self.logs, "ledger": self.ledger, "risk": self.risk_events},
-                                 self.gate.suspensions)
+            channels = {"logs": self.logs, "ledger": self.ledger, "risk": self.risk_events}
+            self.metrics.refresh(table, {n: c.writer for n, c in channels.items() if c.writer is not None},
+                                 self.gate.suspensions, {n: c.drainer for n, c in channels.items()})
 
     def admin_app(self) -> FastAPI:
         """The control surface as its own small app, built once the replica's collaborators exist:

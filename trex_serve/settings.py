@@ -43,6 +43,9 @@ class Settings:
     trusted_proxies: tuple[str, ...] = field(default_factory=tuple)
     pool_secret: str = ""
     log_retention_days: int = 30
+    # A stream entry read by a replica and not acknowledged for this long is taken over by another
+    # (the reader died); a live reader re-reads its own pending entries well within it.
+    stream_claim_idle_ms: int = 15_000
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,4 +65,5 @@ class Settings:
             trusted_proxies=proxies,
             pool_secret=env.get("TREX_POOL_SECRET", ""),
             log_retention_days=_int("TREX_LOG_RETENTION_DAYS", 30),
+            stream_claim_idle_ms=_int("TREX_STREAM_CLAIM_IDLE_MS", 15_000),
         )

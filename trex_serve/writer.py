@@ -1,26 +1,34 @@
-"""A bounded, batched, asynchronous writer that keeps database writes off the hot path. Rows wait in
-the buffer while the database is slow or down and are retried; what overflows is counted, never
-silently lost."""
+"""A bounded, batched, asynchronous writer that keeps writes off the hot path. Rows wait in the
+buffer while the target is slow or down and are retried; what overflows is counted, never silently
+lost. The gateway uses it to hand request-log rows and risk events to a Redis stream (streams.py),
+which is where they become durable; the ledger never passes through it."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger("trex.writer")
 
 
 class BatchWriter:
-    def __init__(self, name: str, flush: Callable[[list[dict[str, Any]]], None], *, max_buffer: int = 100_000,
-                 batch_size: int = 500, interval_s: float = 0.2) -> None:
+    def __init__(self, name: str, flush: Callable[[list[dict[str, Any]]], None | Awaitable[None]], *,
+                 max_buffer: int = 100_000, batch_size: int = 500, interval_s: float = 0.2,
+                 wake_at: int | None = None) -> None:
+        """``flush`` is a blocking function (run in a thread) or a coroutine function (awaited).
+        ``wake_at``: buffered rows that wake the writer at once (default ``batch_size``); 1 sends each
+        event-loop turn's rows together as soon as the turn ends."""
         self.name = name
         self._flush = flush
+        self._async = inspect.iscoroutinefunction(flush)
         self.max_buffer = max_buffer
         self.batch_size = batch_size
         self.interval_s = interval_s
+        self.wake_at = wake_at or batch_size
         self._buf: deque[dict[str, Any]] = deque()
         self.dropped = 0
         self.written = 0
@@ -36,7 +44,7 @@ class BatchWriter:
             self.dropped += 1
             return False
         self._buf.append(row)
-        if len(self._buf) >= self.batch_size:
+        if len(self._buf) >= self.wake_at:
             self._wake.set()
         return True
 
@@ -58,6 +66,8 @@ class BatchWriter:
             self._wake.clear()
             ok = await self.flush_once()
             backoff = self.interval_s if ok else min(5.0, backoff * 2)
+            if not ok:  # a failing target is retried on the backoff, not on every put()
+                await asyncio.sleep(backoff)
 
     async def flush_once(self) -> bool:
         """Write what is buffered; on failure the rows go back to the front and wait."""
@@ -68,7 +78,10 @@ class BatchWriter:
         while self._buf:
             batch = [self._buf.popleft() for _ in range(min(self.batch_size, len(self._buf)))]
             try:
-                await asyncio.to_thread(self._flush, batch)
+                if self._async:
+                    await self._flush(batch)  # type: ignore[misc]
+                else:
+                    await asyncio.to_thread(self._flush, batch)
             except Exception:
                 self.failures += 1
                 self._buf.extendleft(reversed(batch))

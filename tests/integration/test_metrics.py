@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
@@ -145,8 +146,10 @@ async def test_refresh_gauges(replicas):
     # Replicas may hold slightly different copies of the table: health and circuit take the max.
     table_b = RoutingTable({("openai", "gpt-4o"): TargetHealth("closed", 0.8),
                             ("azure", "gpt-4o"): TargetHealth("open", 0.1)})
-    a.metrics.refresh(table, {"logs": FakeWriter(3, 10), "ledger": FakeWriter(0, 1)}, suspensions=2)
-    b.metrics.refresh(table_b, {"logs": FakeWriter(1, 5), "ledger": FakeWriter(0, 0)}, suspensions=1)
+    a.metrics.refresh(table, {"logs": FakeWriter(3, 10), "ledger": FakeWriter(0, 1)}, suspensions=2,
+                      streams={"ledger": SimpleNamespace(backlog=7, unacked=2)})
+    b.metrics.refresh(table_b, {"logs": FakeWriter(1, 5), "ledger": FakeWriter(0, 0)}, suspensions=1,
+                      streams={"ledger": SimpleNamespace(backlog=5, unacked=3)})
     await b.publish()
     text = await a.render()
     assert value(text, "trex_upstream_health_score", provider="openai", model="gpt-4o") == pytest.approx(0.9)
@@ -157,6 +160,9 @@ async def test_refresh_gauges(replicas):
     assert value(text, "trex_log_rows_pending", writer="logs") == 15
     assert value(text, "trex_log_rows_pending", writer="ledger") == 1
     assert value(text, "trex_key_suspensions_total") == 3
+    # Every replica reads the same shared stream: its backlog is not summed over replicas.
+    assert value(text, "trex_stream_backlog", stream="ledger") == 7
+    assert value(text, "trex_stream_unacked", stream="ledger") == 3
 
     # A target gone from the table disappears from the gauges.
     a.metrics.refresh(RoutingTable({("openai", "gpt-4o"): TargetHealth("half_open", 0.5)}), {}, 0)

@@ -87,7 +87,8 @@ local function incr_floor0(key, delta)
 end
 
 -- Settle (or reap) one admitted request from its admission record. Returns nil when the request
--- is unknown or already settled, else {billing, charged, refunded, balance_after(-1: n/a), key_id}.
+-- is unknown or already settled, else
+-- {billing, charged, refunded, balance_after(-1: n/a), key_id, account_id}.
 local function release(rid, success, tokens, charge)
   local rkey = P .. 'req:' .. rid
   local raw = redis.call('GET', rkey)
@@ -111,7 +112,7 @@ local function release(rid, success, tokens, charge)
         hincr_floor0(qk, 'tokens', -est)
       end
     end
-    return {'quota', 0, 0, -1, r.k}
+    return {'quota', 0, 0, -1, r.k, r.a}
   end
   local reserved = tonumber(r.r)
   local bk = P .. 'bal:' .. r.a
@@ -153,5 +154,5 @@ local function release(rid, success, tokens, charge)
       if redis.call('EXISTS', s[1]) == 1 then incr_floor0(s[1], delta) end
     end
   end
-  return {'credits', charged, refunded, after, r.k}
+  return {'credits', charged, refunded, after, r.k, r.a}
 end

@@ -4,6 +4,10 @@
 -- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro,
 -- 9 replay_ttl_s (0 = none): keep a mark of a successful settlement this long, so a replay of the
 -- same request id (the front proxy retrying on another replica) is served without a second charge.
+-- 10 ledger reason (text of the charge row).
+-- A charge is appended to the ledger stream ({P}stream:ledger) in this same atomic step, and counted
+-- in {P}unbooked:{account} until a drainer has committed it to SQL (streams.py): a charge settled
+-- here reaches the SQL ledger even if this replica dies the next moment.
 -- Returns {settled, billing, charged, refunded, balance_after(-1 = n/a), velocity_exceeded,
 --          velocity_micro}
 local rid = ARGV[2]
@@ -20,6 +24,11 @@ if success and replay_ttl > 0 then
   redis.call('SET', P .. 'done:' .. rid, mark, 'EX', I(replay_ttl))
 end
 local charged = r[2]
+if charged > 0 then
+  redis.call('XADD', P .. 'stream:ledger', '*', 'a', r[6], 'k', r[5], 'r', rid, 'amt', I(charged),
+    'why', ARGV[10] or '', 'ms', I(math.floor(now_from(ARGV[6]) * 1000)))
+  redis.call('INCRBY', P .. 'unbooked:' .. r[6], I(charged))
+end
 local exceeded, vsum = 0, 0
 if vw > 0 and vmax >= 0 and charged > 0 then
   -- Rolling window per key: a sorted set of 'request_id|amount' scored by time (ms) and a running

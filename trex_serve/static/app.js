@@ -161,7 +161,8 @@
     gauge("gauge-requests", "Daily requests used", q.requests_used || 0, q.requests_limit, "requests");
     gauge("gauge-tokens", "Daily tokens used", q.tokens_used || 0, q.tokens_limit, "tokens");
     const c = u.credits || {};
-    const balance = u.live_balance_micro !== undefined && u.live_balance_micro !== null ? u.live_balance_micro / 1e6 : c.balance;
+    // The API's balance already counts every answered request (the live balance when Redis has it).
+    const balance = c.balance;
     gauge("gauge-credits", "Compute Credits left", balance || 0, c.granted + c.refunded + c.adjusted || 0, "credits", true);
     $("quota-reset").textContent = q.resets_in_s !== undefined
       ? "Daily quota resets in " + Math.floor(q.resets_in_s / 3600) + " h " + Math.floor((q.resets_in_s % 3600) / 60) + " min (UTC midnight)."
@@ -171,6 +172,7 @@
       ["Granted", fmtCredits(c.granted)],
       ["Charged", fmtCredits(c.charged)],
       ["Refunded", fmtCredits(c.refunded)],
+      ["Held by requests in flight", fmtCredits(c.reserved || 0)],
     ]);
   }
 

@@ -249,6 +249,27 @@ class HistoryMixin:
             s.flush()
             return _risk_event_dict(row)
 
+    def add_risk_events(self, rows: list[dict[str, Any]]) -> None:
+        """Batch insert of recorded events ({account_id, kind, key_id?, detail?, event_id?,
+        created_at?}); an ``event_id`` already stored is skipped, so a redelivered batch writes once."""
+        data = []
+        for row in rows:
+            if not row.get("account_id") or not row.get("kind"):
+                log.error("risk event skipped (no account or kind): %r", row)
+                continue
+            try:
+                created = as_utc(row.get("created_at")) or utcnow()
+            except (InvalidRequest, ValueError, OverflowError, OSError):
+                created = utcnow()
+            data.append({"account_id": str(row["account_id"])[:64], "key_id": row.get("key_id"),
+                         "kind": str(row["kind"])[:64], "detail": redact(row.get("detail")),
+                         "event_id": row.get("event_id"), "created_at": created})
+        if not data:
+            return
+        stmt = self._insert(RiskEvent.__table__).on_conflict_do_nothing(index_elements=["event_id"])
+        with self.engine.begin() as conn:
+            conn.execute(stmt, data)
+
     def list_risk_events(self, account_id: str | None, limit: int = 50) -> list[dict[str, Any]]:
         limit = max(1, min(int(limit), 1000))
         q = select(RiskEvent)

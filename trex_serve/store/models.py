@@ -154,6 +154,9 @@ class RiskEvent(SQLModel, table=True):
     key_id: str | None = Field(default=None, max_length=64)
     kind: str = Field(max_length=64)
     detail: dict[str, Any] | None = _json()
+    # Set by the gateway when it records the event, so a redelivered stream entry is written once.
+    event_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(64), nullable=True, unique=True,
+                                                                  index=True))
 
 
 class OwnerToken(SQLModel, table=True):
