@@ -32,6 +32,15 @@ class Writer:
     pending: int = 0
 
 
+@dataclass
+class Stream:
+    backlog: int = 0
+    unacked: int = 0
+
+
+STREAMS = {"ledger": Stream(), "logs": Stream(), "risk_events": Stream()}
+
+
 def rec(status=200, provider="alpha", attempts=1, error=None, detail=None, billing="quota") -> RequestRecord:
     return RequestRecord(
         request_id="r", api="chat", account_id="a", key_id="k", key_prefix="tx", model_requested="gpt-4o-mini",
@@ -74,7 +83,7 @@ def table(alpha_state="closed") -> RoutingTable:
 async def test_every_queried_series_is_exported(redis_url):
     m = GatewayMetrics()
     busy(m, fail_alpha=2)
-    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0)
+    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0, STREAMS)
     names = ops_files.exported_names(await exposition(m, redis_url))
     for title, expr in ops_files.dashboard_queries():
         assert ops_files.metric_names(expr), title
@@ -110,7 +119,7 @@ def test_rules_pass_promtool_check():
 @needs_promtool
 async def test_quiet_gateway_fires_nothing(tmp_path, redis_url):
     m = GatewayMetrics()
-    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0)
+    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0, STREAMS)
     before = await exposition(m, redis_url)
     busy(m)
     after = await exposition(m, redis_url)
@@ -121,12 +130,14 @@ async def test_quiet_gateway_fires_nothing(tmp_path, redis_url):
 @needs_promtool
 async def test_each_trouble_fires_its_alert(tmp_path, redis_url):
     m = GatewayMetrics()
-    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0)
+    m.refresh(table(), {"logs": Writer(), "ledger": Writer()}, 0, STREAMS)
     before = await exposition(m, redis_url)
     busy(m, fail_alpha=10)  # half of alpha's attempts fail
     for _ in range(3):
         m.observe(rec(503, provider=None, attempts=0, error="counter_store_unavailable", detail=[]))
-    m.refresh(table("open"), {"logs": Writer(), "ledger": Writer(dropped=3, pending=20000)}, 0)
+    # The database stopped taking writes: rows wait in memory and in the ledger stream.
+    m.refresh(table("open"), {"logs": Writer(), "ledger": Writer(dropped=3, pending=20000)}, 0,
+              {**STREAMS, "ledger": Stream(backlog=20000)})
     after = await exposition(m, None)  # and the counter store is gone
     after = after.replace("trex_reconcile_mismatched_accounts 0.0", "trex_reconcile_mismatched_accounts 2.0")
     firing = {
@@ -134,6 +145,7 @@ async def test_each_trouble_fires_its_alert(tmp_path, redis_url):
         "TrexCircuitOpen": [{"provider": "alpha", "model": "alpha-mini"}],
         "TrexWriterBacklog": [{"writer": "ledger"}],
         "TrexWriterDroppingRows": [{"writer": "ledger"}],
+        "TrexDurableStreamBacklog": [{"stream": "ledger"}],
         "TrexCounterStoreUnavailable": [{}],
         "TrexReconcileMismatch": [{}],
         "TrexGatewayErrorRateHigh": [{}],  # 3 of 35 answers are 503s
