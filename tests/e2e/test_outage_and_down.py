@@ -13,8 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loadtests.outage import run_outage
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.embedded import free_port
+from trex_serve.health import HealthPolicy
 from trex_serve.local_processes import ray_temp_dir
 
 pytestmark = pytest.mark.e2e
@@ -71,6 +73,25 @@ def gateway_processes(home: Path, public_port: int) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
             continue
     return found
+
+
+def test_model_answers_again_soon_after_an_outage_of_all_its_providers(gateway):
+    """Both providers of gpt-4o-mini answer 503 for 14 s under 10 req/s spread over two ingress
+    replicas: their circuits open (10 s) and their probes fail (20 s), so the old routing stayed dark
+    until ~16 s after the heal. Now the model answers within about a panic probe interval."""
+    result = run_outage(gateway["base"], "op-outage", str(gateway["catalog"]), "gpt-4o-mini", rate=10,
+                        warmup_s=2, outage_s=14, after_s=6)
+    print(result.summary())
+    during = [r for r in result.replies if result.heal_at - 14 + 2 <= r.sent < result.heal_at]
+    assert during and all(r.status in (502, 503) for r in during)
+    first = result.first_ok_after_heal_s
+    assert first is not None and first < 4.0, result.summary()  # generous: typically well under 1 s
+    after = result.after_first_ok()
+    assert len(after) >= 30 and result.failures_after_first_ok() == 0, result.summary()
+    # A provider still down is probed, at most once per panic interval per ingress replica (two here).
+    bound = 2 / HealthPolicy().panic_probe_interval_s
+    rates = result.probe_rate()
+    assert len(rates) == 2 and all(0 < rate <= bound * 1.25 for rate in rates.values()), result.summary()
 
 
 def test_down_stops_everything_up_started(gateway):
