@@ -70,7 +70,7 @@ class ProviderPool:
                 await self.router.report.remote(batch)
             except Exception:  # the router restarting must not take the pool down
                 log.warning("could not report %d outcomes to the router", len(batch), exc_info=True)
-            await asyncio.sleep(0.02)  # a floor on the report rate, whatever flaps
+            await asyncio.sleep(0.05)  # a floor on the report rate, whatever flaps
 
     async def __call__(self) -> dict:
         return {"provider": self.provider, "port": self.port, "inflight": self.server.inflight}
