@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
 from trex_serve import replica_state
+from trex_serve.health import HealthPolicy
 from trex_serve.http_app import build_http_app
 from trex_serve.pipeline import Pipeline
 from trex_serve.relay import HttpRelay
@@ -30,8 +31,8 @@ class Ingress:
         route_core_logs()
         self.pools = pools
         self.router = router
-        self.planner = Planner()
         self.runtime = await Runtime.create(args)
+        self.planner = Planner(HealthPolicy(**self.runtime.catalog.health.model_dump()))
         self.relay = HttpRelay(self._pick, args["pool_secret"])
         pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate,
                             self.runtime.keyed(self.relay),
@@ -54,12 +55,18 @@ class Ingress:
         return endpoint
 
     async def _poll_routing_table(self, interval: float) -> None:
+        """The Router answers at once when a circuit changed since the table this replica holds,
+        else after ``interval``: changes arrive as they happen, and an idle loop is a slow poll."""
         while True:
+            table = self.planner.table
             try:
-                self.planner.update(await self.router.table.remote())
+                self.planner.update(await self.router.table.remote(table.changes if table.epoch else None,
+                                                                   interval))
             except Exception:
                 log.warning("routing table poll failed", exc_info=True)
-            await asyncio.sleep(interval)
+                await asyncio.sleep(interval)
+            else:
+                await asyncio.sleep(0.01)  # a floor, should circuits flap faster than that
 
     async def check_health(self) -> None:
         await asyncio.wait_for(replica_state.pipeline(), timeout=1)

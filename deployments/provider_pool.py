@@ -4,6 +4,7 @@ own port (published through replica metadata) so the ingress relays to it over H
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import ray
@@ -12,7 +13,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
-from trex_serve.health import Outcome
+from trex_serve.health import Outcome, OutcomeBatch
 from trex_serve.pool_server import PoolServer
 
 log = logging.getLogger("trex.pool")
@@ -40,8 +41,9 @@ class ProviderPool:
             raise ValueError(f"provider {provider!r} is not in {catalog_path}")
         self.provider = provider
         self.router = router
-        self._outcomes: list[Outcome] = []
-        self.server = PoolServer({provider: spec}, secret, self._outcomes.append,
+        self._outcomes = OutcomeBatch()
+        self._urgent = asyncio.Event()
+        self.server = PoolServer({provider: spec}, secret, self._outcome,
                                  max_connections=spec.pool.max_concurrency)
         self.host = ray.util.get_node_ip_address()
         self.port = await self.server.start(self.host, 0)
@@ -54,16 +56,23 @@ class ProviderPool:
     async def record_autoscaling_stats(self) -> dict:
         return {"inflight": float(self.server.inflight)}
 
+    def _outcome(self, outcome: Outcome) -> None:
+        if self._outcomes.add(outcome):
+            self._urgent.set()  # a provider×model answering again: report now, not in up to `interval`
+
     async def _report_loop(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(interval)
-            if not self._outcomes:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), interval)
+            self._urgent.clear()
+            batch = self._outcomes.take()
+            if not batch:
                 continue
-            batch, self._outcomes[:] = list(self._outcomes), []
             try:
                 await self.router.report.remote(batch)
             except Exception:  # the router restarting must not take the pool down
                 log.warning("could not report %d outcomes to the router", len(batch), exc_info=True)
+            await asyncio.sleep(0.05)  # a floor on the report rate, whatever flaps
 
     async def __call__(self) -> dict:
         return {"provider": self.provider, "port": self.port, "inflight": self.server.inflight}

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 
 from trex_serve.gate import AdmitAsk, Principal, Settlement, Ticket
-from trex_serve.health import HealthTracker
+from trex_serve.health import HealthPolicy, HealthTracker
 from trex_serve.http_app import build_http_app
 from trex_serve.pipeline import Pipeline
 from trex_serve.pool_server import PoolServer
@@ -46,12 +46,12 @@ class CountingGate:
 
 
 @asynccontextmanager
-async def data_path_client(catalog) -> AsyncIterator[httpx.AsyncClient]:
+async def data_path_client(catalog, policy: HealthPolicy | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """The data path alone, in process: HTTP app → pipeline → relay hop (real HTTP) → pool server,
     with this open gate and a health tracker fed by the pool's outcome reports. The client carries
     ``.gate`` and ``.tracker`` for assertions."""
-    tracker = HealthTracker()
-    planner = Planner()
+    tracker = HealthTracker(policy)
+    planner = Planner(policy)
     version = 0
 
     def report(outcome) -> None:

@@ -152,6 +152,9 @@ class HealthSettings(_Strict):
     window_s: float = Field(default=60.0, gt=0)
     cooldown_s: float = Field(default=10.0, gt=0)
     max_cooldown_s: float = Field(default=300.0, gt=0)
+    probe_interval_s: float = Field(default=1.0, gt=0)
+    panic_probe_interval_s: float = Field(default=1.0, gt=0)
+    recovered_hold_s: float = Field(default=5.0, ge=0)
 
 
 class Catalog(_Strict):

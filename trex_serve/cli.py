@@ -22,11 +22,12 @@ from trex_serve.local_processes import (
     persisted_secret,
     ray_temp_dir,
     save_pid,
-    saved_pids,
     say,
     start_front_proxy,
     start_mocks,
+    start_ray,
     stop_ray,
+    stop_saved,
 )
 from trex_serve.settings import DEFAULT_CATALOG, REPO_DIR, state_dir
 
@@ -127,18 +128,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     base = args.haproxy_ports_base
     ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(base if base else free_port()))
     ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(base + 1 if base else free_port()))
+    client_port = args.ray_client_port or free_port()
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--num-cpus={args.num_cpus}", f"--temp-dir={ray_temp_dir(home)}"]
-    (home / "gateway.json").write_text(json.dumps({"http_port": serve_port, "ray_port": args.ray_port,
-                                                   "redis_url": env["TREX_REDIS_URL"],
-                                                   "catalog": env["TREX_CATALOG"],
-                                                   "database_url": env["TREX_DATABASE_URL"]}))
+               f"--num-cpus={args.num_cpus}", f"--temp-dir={ray_temp_dir(home)}",
+               # Ray's default 10001 would collide with another gateway's on the same machine.
+               f"--ray-client-server-port={client_port}"]
+    gateway = {"http_port": serve_port, "ray_port": args.ray_port, "redis_url": env["TREX_REDIS_URL"],
+               "catalog": env["TREX_CATALOG"], "database_url": env["TREX_DATABASE_URL"],
+               "ray_client_port": client_port}
+    (home / "gateway.json").write_text(json.dumps(gateway))
     say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
-    done = subprocess.run(ray_cmd, env=ray_env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout + done.stderr)
-        return done.returncode
+    code, output, session = start_ray(ray_cmd, ray_env)
+    # Recorded even when `ray start` failed half-way: `down` stops what it left behind.
+    (home / "gateway.json").write_text(json.dumps({**gateway, "ray_session": session}))
+    if code != 0:
+        sys.stderr.write(output)
+        return code
     if args.nodes > 1 and not _start_worker_nodes(home, args, ray_env):
         return 1
     deploy = subprocess.run([sys.executable, "-m", "deployments.launch", str(serve_port), str(args.ray_port)],
@@ -214,14 +220,7 @@ def cmd_front_proxy(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     home = state_dir()
     stop_ray(home)
-    for name, pid in saved_pids(home).items():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    for name in stop_saved(home):
         say(f"stopped {name}")
     (home / "pids.json").unlink(missing_ok=True)
     say("stopped Ray and the gateway")
@@ -279,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--demo", action="store_true", help="start the bundled mock upstreams and a demo key")
     up.add_argument("--ray-port", type=int, default=int(os.environ.get("TREX_RAY_PORT", "6380")))
     up.add_argument("--redis-port", type=int, default=0)
+    up.add_argument("--ray-client-port", type=int, default=0, help="the Ray client server's port; default: a free one")
     up.add_argument("--no-front-proxy", dest="front_proxy", action="store_false",
                     help="serve directly on Serve's HAProxy (client addresses are then not known)")
     up.add_argument("--serve-port", type=int, default=0, help="Serve's internal HTTP port behind the front proxy")

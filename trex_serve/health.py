@@ -29,6 +29,8 @@ class TargetHealth:
     open_until: float = 0.0
     error_rate: float = 0.0
     latency_ms: float = 0.0
+    hold_until: float = 0.0  # until when the upstream's own Retry-After asked us to stay away
+    changed_at: float = 0.0  # when the circuit last opened or closed (the outcome's time)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class _Target:
     consecutive_failures: int = 0
     state: CircuitState = "closed"
     open_until: float = 0.0
+    hold_until: float = 0.0
+    changed_at: float = 0.0
     opened_count: int = 0
 
 
@@ -49,6 +53,10 @@ class HealthPolicy:
     window_s: float = 60.0
     cooldown_s: float = 10.0
     max_cooldown_s: float = 300.0
+    # Read by each ingress replica's Planner (trex_serve.routing), not by the tracker:
+    probe_interval_s: float = 1.0  # one probe per half-open target per replica, while others serve
+    panic_probe_interval_s: float = 1.0  # one probe per target per replica when no candidate is usable
+    recovered_hold_s: float = 5.0  # a replica trusts its own successful probe this long before the Router's word
 
 
 class HealthTracker:
@@ -63,9 +71,18 @@ class HealthTracker:
             target = self._targets[key] = _Target()
         return target
 
-    def record(self, outcome: Outcome) -> None:
+    def record(self, outcome: Outcome) -> bool:
+        """Count one outcome; True when it opened or closed the circuit."""
         p = self.policy
         t = self._get(outcome.provider, outcome.model)
+        before = (t.state, t.open_until)
+        self._record(t, outcome, p)
+        if (t.state, t.open_until) == before:
+            return False
+        t.changed_at = outcome.at
+        return True
+
+    def _record(self, t: _Target, outcome: Outcome, p: HealthPolicy) -> None:
         t.window.append((outcome.at, outcome.ok, outcome.status == 429))
         if outcome.latency_ms > 0:
             t.latency_ewma = outcome.latency_ms if t.latency_ewma == 0 else (
@@ -74,13 +91,18 @@ class HealthTracker:
         if outcome.ok:
             t.consecutive_failures = 0
             if t.state != "closed":
-                t.state, t.open_until, t.opened_count = "closed", 0.0, 0
+                t.state, t.open_until, t.hold_until, t.opened_count = "closed", 0.0, 0.0, 0
             return
         t.consecutive_failures += 1
         now = outcome.at
+        if t.state == "open" and now >= t.open_until:
+            t.state = "half_open"  # the cool-down is over: this failure is a failed probe
         if outcome.retry_after:
-            # The upstream told us when to come back: that is the cool-down.
-            self._open(t, now, min(float(outcome.retry_after), p.max_cooldown_s))
+            # The upstream told us when to come back: that is the cool-down, and even a model with
+            # no other candidate does not probe before it.
+            cooldown = min(float(outcome.retry_after), p.max_cooldown_s)
+            t.hold_until = max(t.hold_until, now + cooldown)
+            self._open(t, now, cooldown)
             return
         if t.state == "half_open":
             self._open(t, now, None)
@@ -117,8 +139,30 @@ class HealthTracker:
         score = max(0.0, (1.0 - err) * (1.0 - 0.5 * throttled) * latency_factor)
         if t.state == "open":
             score = 0.0
-        return TargetHealth(t.state, round(score, 4), t.open_until, round(err, 4), round(t.latency_ewma, 2))
+        return TargetHealth(t.state, round(score, 4), t.open_until, round(err, 4), round(t.latency_ewma, 2),
+                            t.hold_until, t.changed_at)
 
     def snapshot(self, now: float | None = None) -> dict[tuple[str, str], TargetHealth]:
         now = time.time() if now is None else now
         return {key: self.health(*key, now=now) for key in list(self._targets)}
+
+
+class OutcomeBatch:
+    """The outcomes a pool replica gathers between two reports to the Router. A provider×model that
+    answers again after failing is news every ingress replica is waiting for (its model may be dark):
+    ``add`` says when the batch should go at once instead of with the next report."""
+
+    def __init__(self) -> None:
+        self.pending: list[Outcome] = []
+        self._failing: dict[tuple[str, str], bool] = {}
+
+    def add(self, outcome: Outcome) -> bool:
+        self.pending.append(outcome)
+        key = (outcome.provider, outcome.model)
+        urgent = outcome.ok and self._failing.get(key, False)
+        self._failing[key] = not outcome.ok
+        return urgent
+
+    def take(self) -> list[Outcome]:
+        batch, self.pending = self.pending, []
+        return batch

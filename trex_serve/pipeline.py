@@ -292,6 +292,8 @@ class Pipeline:
                     resp = await self.caller(req)
             except (TimeoutError, hop.ReplicaUnreachable) as exc:
                 failure = "timeout" if isinstance(exc, TimeoutError) else "pool_unreachable"
+                if failure == "timeout":  # an unreachable pool replica says nothing about the provider
+                    self.planner.observe(target.key, False)
                 call.attempts.append(self._attempt(target, 504 if failure == "timeout" else 503, failure, t0))
                 tracing.attempt_end(call)
                 continue
@@ -304,6 +306,8 @@ class Pipeline:
             error = resp.failure or (None if resp.status == 200 else f"http_{resp.status}")
             call.attempts.append(self._attempt(target, resp.status, error, t0, resp.extra.get("key")))
             tracing.attempt_end(call, open_stream=resp.ok and resp.chunks is not None)
+            # A provider that answered at all (even a 4xx of the caller's making) is up.
+            self.planner.observe(target.key, resp.ok or not resp.retryable)
             if resp.ok:
                 call.served = target
                 # A Responses request served over chat completions is translated back here.

@@ -3,12 +3,13 @@ request's routing extension and the latest health table published by the Router.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trex_serve.catalog import Catalog, Model
 from trex_serve.errors import InvalidRequest, ModelNotFound, UpstreamUnavailable
-from trex_serve.health import TargetHealth
+from trex_serve.health import HealthPolicy, TargetHealth
 from trex_serve.schemas import TrexRouting
 
 SMART_AUTO = "smart-auto"
@@ -39,10 +40,14 @@ class Resolution:
 
 @dataclass
 class RoutingTable:
-    """The Router's latest view: health per provider×model. Version increases on each publish."""
+    """The Router's latest view: health per provider×model. Version increases on each publish;
+    ``epoch`` names the Router replica's lifetime (a restarted Router counts from 0 again) and
+    ``changes`` counts the reports that opened or closed a circuit (see HealthBoard)."""
 
     health: dict[tuple[str, str], TargetHealth]
     version: int = 0
+    epoch: str = ""
+    changes: int = 0
 
     def get(self, key: tuple[str, str]) -> TargetHealth | None:
         return self.health.get(key)
@@ -120,33 +125,78 @@ def resolve(catalog: Catalog, requested: str, routing: TrexRouting | None) -> Re
 
 
 class Planner:
-    """Orders a resolution's targets by health. Lives in each ingress replica; holds only the
-    latest table and the local half-open probe clock."""
+    """Orders a resolution's targets by health. Lives in each ingress replica; holds the latest table,
+    the local probe clock, and the recoveries this replica saw itself before the table shows them.
 
-    def __init__(self, probe_interval_s: float = 1.0) -> None:
+    While some candidate of a model is closed, an open target waits out its cool-down and is then
+    probed once per ``probe_interval_s``. When no candidate is usable the model would be dark for as
+    long as the longest cool-down (up to ``max_cooldown_s``), so every target is probed once per
+    ``panic_probe_interval_s`` instead, cool-down or not (Envoy's panic threshold, made bounded):
+    a recovery is found within that interval, and a provider still down sees at most one request
+    per interval per ingress replica. Only an upstream's own Retry-After holds off these probes."""
+
+    def __init__(self, policy: HealthPolicy | None = None) -> None:
+        p = policy or HealthPolicy()
+        self.probe_interval_s = p.probe_interval_s
+        self.panic_probe_interval_s = p.panic_probe_interval_s
+        self.recovered_hold_s = p.recovered_hold_s
         self.table = RoutingTable({})
-        self.probe_interval_s = probe_interval_s
         self._last_probe: dict[tuple[str, str], float] = {}
+        self._recovered: dict[tuple[str, str], float] = {}
 
     def update(self, table: RoutingTable) -> None:
-        if table.version >= self.table.version:
+        if table.epoch != self.table.epoch or table.version >= self.table.version:
             self.table = table
+
+    def observe(self, key: tuple[str, str], up: bool, now: float | None = None) -> None:
+        """What one attempt of this replica found. A target the table has open that just answered is
+        used at once by this replica, without waiting for the pool's report to reach the Router and
+        the Router's table to come back; a failure ends that trust."""
+        now = time.time() if now is None else now
+        if not up:
+            self._recovered.pop(key, None)
+            return
+        h = self.table.get(key)
+        if h is not None and h.state != "closed":
+            self._recovered[key] = now
+
+    def health(self, key: tuple[str, str], now: float | None = None) -> TargetHealth | None:
+        """The table's word, unless this replica saw the target answer since the table's last change."""
+        h = self.table.get(key)
+        seen = self._recovered.get(key)
+        if seen is None or h is None:
+            return h
+        now = time.time() if now is None else now
+        if h.state == "closed" or h.changed_at > seen or now - seen > self.recovered_hold_s:
+            del self._recovered[key]
+            return h
+        return replace(h, state="closed")
 
     def order(self, resolution: Resolution, now: float | None = None) -> list[Target]:
         now = time.time() if now is None else now
         healthy: list[Target] = []
-        probes: list[Target] = []
+        waiting: list[tuple[Target, TargetHealth]] = []
         for target in resolution.targets:
-            h = self.table.get(target.key)
+            h = self.health(target.key, now)
             # The catalog's order is the user's preference: a closed circuit keeps its place, and
             # a failing target is skipped once its circuit opens, not demoted on one error.
             if h is None or h.state == "closed":
                 healthy.append(target)
-            elif h.state == "half_open" or (h.state == "open" and now >= h.open_until):
-                # One request per interval per replica probes a recovering target first.
-                if now - self._last_probe.get(target.key, 0.0) >= self.probe_interval_s:
-                    self._last_probe[target.key] = now
-                    probes.append(target)
+            else:
+                waiting.append((target, h))
+        panic = not healthy
+        probes: list[Target] = []
+        for target, h in waiting:
+            if panic and now >= h.hold_until:
+                interval = self.panic_probe_interval_s
+            elif h.state == "half_open" or now >= h.open_until:
+                interval = self.probe_interval_s
+            else:
+                continue
+            # One request per interval per replica probes the target, first in line.
+            if now - self._last_probe.get(target.key, 0.0) >= interval:
+                self._last_probe[target.key] = now
+                probes.append(target)
         if resolution.smart_auto:
             def rank(t: Target) -> tuple[float, float]:
                 h = self.table.get(t.key)
@@ -158,10 +208,12 @@ class Planner:
             raise UpstreamUnavailable(
                 "Every provider for this model is temporarily unavailable (circuit open).",
                 status=503,
-                headers={"Retry-After": str(self._retry_after(resolution, now))},
+                headers={"Retry-After": str(self._retry_after(waiting, now))},
             )
         return ordered
 
-    def _retry_after(self, resolution: Resolution, now: float) -> int:
-        waits = [h.open_until - now for t in resolution.targets if (h := self.table.get(t.key))]
-        return max(1, int(min(waits, default=1.0)) + 1)
+    def _retry_after(self, waiting: list[tuple[Target, TargetHealth]], now: float) -> int:
+        # Nothing is usable, so the next probe is at most one panic interval away, unless every
+        # target is held by its upstream's Retry-After.
+        waits = [max(h.hold_until - now, self.panic_probe_interval_s) for _t, h in waiting]
+        return max(1, math.ceil(min(waits, default=1.0)))

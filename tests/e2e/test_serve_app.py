@@ -279,8 +279,14 @@ def test_spend_cap_exact_across_two_ingress_replicas(gateway):
         return httpx.post(f"{gateway['base']}/v1/chat/completions", json=body, timeout=30,
                           headers={"Authorization": f"Bearer {key['key']}"})
 
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(call, range(24)))
+    # Slow answers keep the 24 reservations in flight together: on a quiet machine the gateway
+    # answered each before the client's next thread had sent its request, and nothing reached the cap.
+    gateway["mocks"]["alpha"].control(latency_ms=300)
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(call, range(24)))
+    finally:
+        gateway["mocks"]["alpha"].control(latency_ms=0)
     ok = [r for r in answers if r.status_code == 200]
     capped = [r for r in answers if r.status_code == 402]
     assert ok and capped and len(ok) + len(capped) == 24
