@@ -1,4 +1,4 @@
-"""The Ingress deployment: the FastAPI app of trex_serve.http_app, wired to Ray. Each request makes
+"""The Ingress deployment: the FastAPI app of trex_serve.web.http_app, wired to Ray. Each request makes
 one hop per attempt: Serve's router picks a ProviderPool replica, and the request is relayed over
 HTTP to that replica's own port (ARCHITECTURE.md)."""
 
@@ -12,12 +12,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
 from trex_serve import replica_state
-from trex_serve.health import HealthPolicy
-from trex_serve.http_app import build_http_app
+from trex_serve.hop.relay import HttpRelay
 from trex_serve.pipeline import Pipeline
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner
+from trex_serve.routing.health import HealthPolicy
+from trex_serve.routing.resolve import Planner
 from trex_serve.runtime import Runtime
+from trex_serve.web.http_app import build_http_app
 
 log = logging.getLogger("trex.ingress")
 

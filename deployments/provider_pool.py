@@ -13,8 +13,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
-from trex_serve.health import Outcome, OutcomeBatch
-from trex_serve.pool_server import PoolServer
+from trex_serve.hop.pool_server import PoolServer
+from trex_serve.routing.health import Outcome, OutcomeBatch
 
 log = logging.getLogger("trex.pool")
 

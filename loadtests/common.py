@@ -270,7 +270,7 @@ class Admin:
 
 
 class Mock:
-    """A mock upstream's control endpoint (``trex_serve.mock_upstream``)."""
+    """A mock upstream's control endpoint (``trex_serve.local.mock_upstream``)."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")

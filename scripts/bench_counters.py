@@ -17,8 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from trex_serve.counters import AdmitRequest, CounterStore, SettleRequest
-from trex_serve.embedded import free_port, start_redis
+from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
+from trex_serve.local.embedded import free_port, start_redis
 
 
 async def run(url: str, group_commit: bool, concurrency: int, seconds: float) -> tuple[int, float]:

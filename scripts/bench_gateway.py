@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trex_serve.embedded import free_port, port_open  # noqa: E402
+from trex_serve.local.embedded import free_port, port_open  # noqa: E402
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
 
@@ -55,8 +55,8 @@ def wrk(url: str, connections: int, duration: int, body: dict, key: str | None) 
 
 
 def start_mock(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(port), "--name", "bench"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "trex_serve.local.mock_upstream", "--port", str(port),
+                             "--name", "bench"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not port_open("127.0.0.1", port):
         time.sleep(0.05)
     return proc
@@ -93,7 +93,7 @@ plans:
 """)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
            "TREX_ADMIN_TOKEN": "bench", "TREX_INGRESS_REPLICAS": str(args.ingress_replicas)}
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     results: dict[str, dict] = {}
     try:
         up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,

@@ -14,7 +14,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from trex_serve.catalog import UpstreamKey
-from trex_serve.upstream_keys import KeyStore
+from trex_serve.routing.upstream_keys import KeyStore
 
 
 async def main(url: str, n: int) -> None:

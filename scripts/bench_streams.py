@@ -23,7 +23,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_gateway import start_mock  # noqa: E402
-from trex_serve.embedded import free_port  # noqa: E402
+from trex_serve.local.embedded import free_port  # noqa: E402
 
 
 async def one(session: aiohttp.ClientSession, url: str, key: str | None, delay: float) -> tuple[bool, float]:
@@ -84,7 +84,7 @@ plans:
 """)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
            "TREX_ADMIN_TOKEN": "bench"}
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     try:
         up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
                             capture_output=True, text=True)

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.fakes import data_path_client  # noqa: E402
 from tests.helpers import MockProcess, write_catalog  # noqa: E402
-from trex_serve import tracing  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
-from trex_serve.embedded import free_port, port_open  # noqa: E402
-from trex_serve.hop import HopRequest  # noqa: E402
-from trex_serve.records import RequestRecord  # noqa: E402
+from trex_serve.hop.protocol import HopRequest  # noqa: E402
+from trex_serve.local.embedded import free_port, port_open  # noqa: E402
+from trex_serve.observability import tracing  # noqa: E402
+from trex_serve.observability.records import RequestRecord  # noqa: E402
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
 

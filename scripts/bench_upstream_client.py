@@ -18,7 +18,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_gateway import BODY, start_mock  # noqa: E402
-from trex_serve.embedded import free_port  # noqa: E402
+from trex_serve.local.embedded import free_port  # noqa: E402
 
 
 async def drive(send, total: int, concurrency: int) -> float:

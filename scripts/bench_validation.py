@@ -12,8 +12,8 @@ import timeit
 
 import orjson
 
-from trex_serve.messages import check_chat_messages, check_responses_input
-from trex_serve.schemas import ChatCompletionRequest, ResponsesRequest, parse_model
+from trex_serve.api.messages import check_chat_messages, check_responses_input
+from trex_serve.api.schemas import ChatCompletionRequest, ResponsesRequest, parse_model
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 CHAT = {"model": "gpt-4o-mini", "temperature": 0.2, "messages": [

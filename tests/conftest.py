@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trex_serve.embedded import free_port, start_redis
+from trex_serve.local.embedded import free_port, start_redis
 
 
 @pytest.fixture(scope="session")

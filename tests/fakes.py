@@ -8,14 +8,14 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from trex_serve.gate import AdmitAsk, Principal, Settlement, Ticket
-from trex_serve.health import HealthPolicy, HealthTracker
-from trex_serve.http_app import build_http_app
+from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
+from trex_serve.hop.pool_server import PoolServer
+from trex_serve.hop.relay import HttpRelay
 from trex_serve.pipeline import Pipeline
-from trex_serve.pool_server import PoolServer
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner, Resolution, RoutingTable
+from trex_serve.routing.health import HealthPolicy, HealthTracker
+from trex_serve.routing.resolve import Planner, Resolution, RoutingTable
 from trex_serve.settings import Settings
+from trex_serve.web.http_app import build_http_app
 
 
 class CountingGate:

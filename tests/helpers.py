@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from trex_serve.embedded import free_port, port_open
+from trex_serve.local.embedded import free_port, port_open
 
 
 class MockProcess:
@@ -19,7 +19,7 @@ class MockProcess:
         self.name = name
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trex_serve.mock_upstream", "--port", str(self.port), "--name", name],
+            [sys.executable, "-m", "trex_serve.local.mock_upstream", "--port", str(self.port), "--name", name],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while not port_open("127.0.0.1", self.port):

@@ -144,7 +144,7 @@ class Plan(_Strict):
 
 
 class HealthSettings(_Strict):
-    """Circuit-breaker tuning (trex_serve.health.HealthPolicy)."""
+    """Circuit-breaker tuning (trex_serve.routing.health.HealthPolicy)."""
 
     failure_threshold: int = Field(default=5, ge=1)
     error_rate_threshold: float = Field(default=0.5, gt=0, le=1)

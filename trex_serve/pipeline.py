@@ -13,7 +13,11 @@ from typing import Any
 
 import orjson
 
-from trex_serve import hop, tracing
+from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
+from trex_serve.admission.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
+from trex_serve.api.messages import check_chat_messages, check_responses_input
+from trex_serve.api.responses import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
+from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.catalog import Catalog
 from trex_serve.errors import (
     BindingMissing,
@@ -23,17 +27,14 @@ from trex_serve.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from trex_serve.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
-from trex_serve.keyed_caller import KEYS_EXHAUSTED
-from trex_serve.messages import check_chat_messages, check_responses_input
+from trex_serve.hop import protocol as hop
+from trex_serve.observability import tracing
+from trex_serve.observability.records import RequestRecord
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
-from trex_serve.records import RequestRecord
-from trex_serve.responses_api import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
-from trex_serve.routing import SMART_AUTO, Planner, Resolution, Target, resolve
-from trex_serve.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
+from trex_serve.routing.keyed_caller import KEYS_EXHAUSTED
+from trex_serve.routing.resolve import SMART_AUTO, Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
-from trex_serve.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
 
 JSON = "application/json"
 Route = tuple[Target, str | None]  # a target and the provider key to call it with

@@ -12,21 +12,22 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from trex_serve import billing, tracing
-from trex_serve.admin_api import build_admin_router
+from trex_serve.admission.counters import CounterStore
+from trex_serve.admission.keygate import KeyGate
+from trex_serve.billing import pricing as billing
+from trex_serve.billing.streams import DurableChannel, StreamDrainer, appender, consumer_name
+from trex_serve.billing.writer import BatchWriter
 from trex_serve.catalog import Catalog, load_catalog
-from trex_serve.counters import CounterStore
-from trex_serve.hop import ProviderCaller
-from trex_serve.keyed_caller import KeyedCaller, KeyMetrics
-from trex_serve.keygate import KeyGate
-from trex_serve.metrics import GatewayMetrics, MetricsExchange, metrics_response
-from trex_serve.records import RequestRecord
+from trex_serve.hop.protocol import ProviderCaller
+from trex_serve.observability import tracing
+from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange, metrics_response
+from trex_serve.observability.records import RequestRecord
+from trex_serve.routing.keyed_caller import KeyedCaller, KeyMetrics
+from trex_serve.routing.upstream_keys import KeyStore
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
 from trex_serve.store.repository import Repository
-from trex_serve.streams import DurableChannel, StreamDrainer, appender, consumer_name
-from trex_serve.upstream_keys import KeyStore
-from trex_serve.writer import BatchWriter
+from trex_serve.web.admin_api import build_admin_router
 
 log = logging.getLogger("trex.runtime")
 
@@ -183,7 +184,7 @@ class Runtime:
         the operator API and /metrics (served through the gateway's app by prefix)."""
         from fastapi.responses import Response
 
-        from trex_serve.http_app import install_error_handlers
+        from trex_serve.web.http_app import install_error_handlers
 
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(app)
@@ -203,9 +204,9 @@ class Runtime:
         app.include_router(build_admin_router(
             self.repo, self.settings.admin_token, self._on_change, usage_extra=self._usage,
             on_credits=self._on_credits, known_providers=lambda: [p.name for p in self.catalog.providers]))
-        from trex_serve.account_api import build_account_router
-        from trex_serve.dashboard import build_dashboard_router
-        from trex_serve.upstream_keys_api import build_upstream_keys_router
+        from trex_serve.web.account_api import build_account_router
+        from trex_serve.web.dashboard import build_dashboard_router
+        from trex_serve.web.upstream_keys_api import build_upstream_keys_router
 
         app.include_router(build_upstream_keys_router(
             self.settings.admin_token, lambda: self.key_caller,

@@ -18,9 +18,9 @@ import pytest
 
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.catalog import load_catalog
-from trex_serve.embedded import free_port, port_open
+from trex_serve.local.embedded import free_port, port_open
+from trex_serve.local.standalone import standalone_gateway
 from trex_serve.settings import Settings
-from trex_serve.standalone import standalone_gateway
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 # The docs' screenshots are refreshed on request only (TREX_UPDATE_SCREENSHOTS=1); a plain test run

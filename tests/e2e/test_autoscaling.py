@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers import MockProcess, write_catalog
-from trex_serve.embedded import free_port
+from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +43,7 @@ def test_pool_scales_up_under_load_and_back_down(tmp_path):
            "TREX_ADMIN_TOKEN": "op", "TREX_POOL_AUTOSCALING": json.dumps(autoscale)}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     up = subprocess.run([*cli, "up", "--detach", "--ray-port", ray_port, "--num-cpus", "2"], env=env,
                         capture_output=True, text=True, timeout=300)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MockProcess, write_catalog
-from trex_serve.embedded import free_port
+from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ def gateway(tmp_path_factory):
            "TREX_ADMIN_TOKEN": "op-token-load"}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
                         capture_output=True, text=True, timeout=300)
     try:

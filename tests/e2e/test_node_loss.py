@@ -19,8 +19,8 @@ import pytest
 
 from tests.e2e.test_loadtests import LOAD_PLAN, REPO
 from tests.helpers import MockProcess, write_catalog
-from trex_serve.embedded import free_port
-from trex_serve.local_processes import ray_temp_dir
+from trex_serve.local.embedded import free_port
+from trex_serve.local.processes import ray_temp_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def test_replicas_spread_and_a_lost_node_costs_no_request(tmp_path):
            "TREX_ADMIN_TOKEN": "op", "TREX_INGRESS_REPLICAS": "2", "TREX_POOL_AUTOSCALING": json.dumps(pools)}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     up = subprocess.run([*cli, "up", "--detach", "--nodes", "2", "--ray-port", str(ray_port), "--num-cpus", "1"],
                         env=env, capture_output=True, text=True, timeout=300)
     try:

@@ -15,7 +15,7 @@ import pytest
 from tests import ops_files
 from tests.helpers import MockProcess, write_catalog
 from tests.otlp_receiver import Receiver
-from trex_serve.embedded import free_port
+from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def gateway(tmp_path_factory):
     for var in ("TREX_REDIS_URL", "TREX_DATABASE_URL", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED",
                 "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER"):
         env.pop(var, None)
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
                         capture_output=True, text=True, timeout=300)
     try:

@@ -15,13 +15,13 @@ import pytest
 
 from loadtests.outage import run_outage
 from tests.helpers import MockProcess, write_catalog
-from trex_serve.embedded import free_port
-from trex_serve.health import HealthPolicy
-from trex_serve.local_processes import ray_temp_dir
+from trex_serve.local.embedded import free_port
+from trex_serve.local.processes import ray_temp_dir
+from trex_serve.routing.health import HealthPolicy
 
 pytestmark = pytest.mark.e2e
 
-CLI = [sys.executable, "-m", "trex_serve.cli"]
+CLI = [sys.executable, "-m", "trex_serve.local.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.helpers import MockProcess, write_catalog
-from trex_serve.embedded import free_port
+from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def gateway(tmp_path_factory):
            "TREX_INGRESS_REPLICAS": "2"}
     env.pop("TREX_REDIS_URL", None)
     env.pop("TREX_DATABASE_URL", None)
-    cli = [sys.executable, "-m", "trex_serve.cli"]
+    cli = [sys.executable, "-m", "trex_serve.local.cli"]
     ray_port = str(free_port())
     up = subprocess.run([*cli, "up", "--detach", "--ray-port", ray_port, "--num-cpus", "2"], env=env,
                         capture_output=True, text=True, timeout=300)
@@ -352,7 +352,7 @@ smart_auto: [gpt-4o-mini]"""))
     for t in threads:
         t.start()
     time.sleep(1.0)
-    done = subprocess.run([sys.executable, "-m", "trex_serve.cli", "redeploy"], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "trex_serve.local.cli", "redeploy"], env=env, capture_output=True,
                           text=True, timeout=240)
     time.sleep(2.0)
     stop.set()

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.catalog import load_catalog
+from trex_serve.local.standalone import standalone_gateway
 from trex_serve.settings import Settings
-from trex_serve.standalone import standalone_gateway
 
 PLAN = """
   - name: tight

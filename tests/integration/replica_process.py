@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from trex_serve.embedded import free_port, port_open
+from trex_serve.local.embedded import free_port, port_open
 
 
 class ReplicaProcess:
@@ -49,8 +49,8 @@ async def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from trex_serve.catalog import load_catalog
+    from trex_serve.local.standalone import standalone_gateway
     from trex_serve.settings import Settings
-    from trex_serve.standalone import standalone_gateway
 
     settings = Settings(catalog_path="", database_url=args.database_url, redis_url=args.redis_url,
                         admin_token="op", secret_key="test-secret", stream_claim_idle_ms=args.claim_idle_ms)

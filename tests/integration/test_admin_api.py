@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from trex_serve.admin_api import build_admin_router
 from trex_serve.errors import TrexError
 from trex_serve.store import Repository, create_engine, migrate
+from trex_serve.web.admin_api import build_admin_router
 
 TOKEN = "admin-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -290,8 +290,8 @@ def test_cli_against_a_live_server(tmp_path, monkeypatch, capsys):
 
     import uvicorn
 
-    from trex_serve import cli_admin
-    from trex_serve.embedded import free_port
+    from trex_serve.local import cli_admin
+    from trex_serve.local.embedded import free_port
 
     eng = create_engine(f"sqlite:///{tmp_path / 'cli.db'}")
     migrate(eng)

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trex_serve.billing import seconds_to_month_end, seconds_to_utc_midnight, settle_amounts
-from trex_serve.counters import AdmitRequest, CounterStore, SettleRequest
-from trex_serve.embedded import free_port, start_redis
+from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
+from trex_serve.billing.pricing import seconds_to_month_end, seconds_to_utc_midnight, settle_amounts
 from trex_serve.errors import ServiceUnavailable
+from trex_serve.local.embedded import free_port, start_redis
 
 
 def _ts(*args: int) -> float:

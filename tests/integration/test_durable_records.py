@@ -16,13 +16,13 @@ import sqlalchemy as sa
 
 from tests.helpers import write_catalog
 from tests.integration.gateway import OP, account, chat, new_key
-from trex_serve.counter_records import AdmitRequest, SettleRequest
-from trex_serve.counters import CounterStore
-from trex_serve.reconcile import reconcile
+from trex_serve.admission.counter_records import AdmitRequest, SettleRequest
+from trex_serve.admission.counters import CounterStore
+from trex_serve.billing.reconcile import reconcile
+from trex_serve.billing.streams import GROUP, StreamDrainer, appender, json_row, ledger_row, stream_key
+from trex_serve.billing.writer import BatchWriter
 from trex_serve.store.database import create_engine, migrate
 from trex_serve.store.repository import Repository
-from trex_serve.streams import GROUP, StreamDrainer, appender, json_row, ledger_row, stream_key
-from trex_serve.writer import BatchWriter
 
 PLANS = [{"name": "free", "rpm": 1000, "tpm": 10_000_000, "concurrency": 50, "burst_concurrency": 50}]
 

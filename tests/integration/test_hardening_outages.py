@@ -21,18 +21,18 @@ import sqlalchemy as sa
 from tests.helpers import write_catalog
 from tests.integration.conftest import PLAN
 from tests.integration.gateway import OP, account, chat, code, new_key
+from trex_serve.admission.counters import CounterStore
 from trex_serve.catalog import load_catalog
-from trex_serve.counters import CounterStore
-from trex_serve.embedded import free_port, port_open, start_redis
-from trex_serve.http_app import build_http_app
+from trex_serve.hop.pool_server import PoolServer
+from trex_serve.hop.relay import HttpRelay
+from trex_serve.local.embedded import free_port, port_open, start_redis
 from trex_serve.pipeline import Pipeline
-from trex_serve.pool_server import PoolServer
-from trex_serve.relay import HttpRelay
-from trex_serve.routing import Planner
+from trex_serve.routing.resolve import Planner
 from trex_serve.runtime import Runtime
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
 from trex_serve.store.repository import Repository
+from trex_serve.web.http_app import build_http_app
 
 
 @contextlib.asynccontextmanager
@@ -306,7 +306,7 @@ async def test_database_outage_keeps_cached_keys_serving_and_buffers_writes(
 
 
 def test_writer_buffer_is_bounded_and_counts_overflow():
-    from trex_serve.writer import BatchWriter
+    from trex_serve.billing.writer import BatchWriter
 
     def broken(_rows):
         raise sa.exc.OperationalError("x", {}, Exception("down"))

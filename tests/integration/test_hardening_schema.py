@@ -1,7 +1,7 @@
 """Hardening: schema-driven fuzzing (schemathesis) of the gateway's own OpenAPI: no 5xx, ever.
 
 The spec is the app's own ``/openapi.json`` (``build_http_app(...).openapi()``), which declares the
-request bodies of the generation endpoints (trex_serve/openapi.py), so schemathesis generates
+request bodies of the generation endpoints (trex_serve/web/openapi.py), so schemathesis generates
 bodies from what the gateway publishes. Cases are generated with hypothesis (bounded,
 derandomized) and sent through the in-process gateway.
 """
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.integration.gateway import account, new_key
-from trex_serve.http_app import build_http_app
+from trex_serve.web.http_app import build_http_app
 
 schemathesis = pytest.importorskip("schemathesis")
 

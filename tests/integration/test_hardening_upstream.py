@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.gateway import account, chat, code, new_key
 from tests.integration.test_hardening_outages import gateway
-from trex_serve import pool_server
+from trex_serve.hop import pool_server
 
 PIN_ALPHA = {"routing": {"provider": "alpha"}}
 

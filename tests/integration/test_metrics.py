@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from trex_serve.health import TargetHealth
-from trex_serve.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, MetricsExchange, metrics_response
-from trex_serve.records import RequestRecord
-from trex_serve.routing import RoutingTable
+from trex_serve.observability.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, MetricsExchange, metrics_response
+from trex_serve.observability.records import RequestRecord
+from trex_serve.routing.health import TargetHealth
+from trex_serve.routing.resolve import RoutingTable
 
 
 def rec(status: int = 200, *, model: str = "gpt-4o", provider: str | None = "openai", api: str = "chat",

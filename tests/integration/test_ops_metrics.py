@@ -8,8 +8,8 @@ import redis.asyncio as aioredis
 
 from tests.integration.gateway import OP, account, chat, new_key
 from tests.integration.test_metrics import value
-from trex_serve.embedded import free_port
-from trex_serve.metrics import GatewayMetrics, MetricsExchange
+from trex_serve.local.embedded import free_port
+from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ async def test_failed_attempts_counted_by_provider_and_reason(gw):
 
 
 async def test_reconcile_outcome_reaches_metrics(gw, database_url, redis_url):
-    from trex_serve.reconcile import reconcile
+    from trex_serve.billing.reconcile import reconcile
 
     prefix = gw.runtime.counters.prefix
     text = (await gw.get("/metrics")).content

@@ -12,7 +12,7 @@ import pytest
 from tests.fakes import data_path_client
 from tests.helpers import MockProcess, write_catalog
 from trex_serve.catalog import load_catalog
-from trex_serve.health import HealthPolicy
+from trex_serve.routing.health import HealthPolicy
 
 COOLDOWN_S = 60.0
 POLICY = HealthPolicy(cooldown_s=COOLDOWN_S, panic_probe_interval_s=0.5)

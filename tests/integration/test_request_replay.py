@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 
 from tests.integration.gateway import OP, account, chat, new_key
-from trex_serve import billing
-from trex_serve.front_id import AUTH_HEADER, ID_HEADER, front_secret
+from trex_serve.billing import pricing as billing
+from trex_serve.web.front_id import AUTH_HEADER, ID_HEADER, front_secret
 
 
 def front_headers(rid: str, secret: str | None = None) -> dict[str, str]:

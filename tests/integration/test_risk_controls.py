@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from tests.integration.gateway import OP, account, chat, code, new_key
-from trex_serve.client_ip import client_address
+from trex_serve.admission.client_ip import client_address
 
 
 async def test_daily_spend_cap_is_never_overshot_under_concurrency(gw):

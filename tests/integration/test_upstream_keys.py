@@ -13,9 +13,9 @@ import pytest
 
 from tests.integration.gateway import OP, account, new_key
 from trex_serve.catalog import load_catalog
+from trex_serve.local.standalone import standalone_gateway
+from trex_serve.routing.upstream_keys import KeyStore, rendezvous_order
 from trex_serve.settings import Settings
-from trex_serve.standalone import standalone_gateway
-from trex_serve.upstream_keys import KeyStore, rendezvous_order
 
 SECRETS = {"key-a": "sk-test-aaaa-0123456789", "key-b": "sk-test-bbbb-0123456789",
            "key-c": "sk-test-cccc-0123456789"}

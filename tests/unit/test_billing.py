@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trex_serve.billing import (
+from trex_serve.billing.pricing import (
     cost_micro,
     credits_from_micro,
     micro_from_credits,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from trex_serve.api.schemas import TrexRouting
 from trex_serve.catalog import CatalogError, parse_catalog
 from trex_serve.errors import InvalidRequest
-from trex_serve.routing import resolve
-from trex_serve.schemas import TrexRouting
+from trex_serve.routing.resolve import resolve
 
 CATALOG = {
     "providers": [

@@ -1,5 +1,5 @@
-"""Circuit breakers, probes and the way a recovery reaches the routing (trex_serve.health,
-trex_serve.routing.Planner, trex_serve.health_board), driven by a fake clock: no sleeps."""
+"""Circuit breakers, probes and the way a recovery reaches the routing (trex_serve.routing.health,
+trex_serve.routing.resolve.Planner, trex_serve.routing.health_board), driven by a fake clock: no sleeps."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from trex_serve.catalog import Candidate, Catalog, Model, Provider
 from trex_serve.errors import UpstreamUnavailable
-from trex_serve.health import HealthPolicy, HealthTracker, Outcome, OutcomeBatch
-from trex_serve.health_board import HealthBoard
-from trex_serve.routing import Planner, RoutingTable, resolve
+from trex_serve.routing.health import HealthPolicy, HealthTracker, Outcome, OutcomeBatch
+from trex_serve.routing.health_board import HealthBoard
+from trex_serve.routing.resolve import Planner, RoutingTable, resolve
 
 A, B = ("alpha", "alpha-mini"), ("beta", "beta-mini")
 T0 = 1_000_000.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from trex_serve.risk_settings import RiskSettings, ip_allowed, normalize_risk
+from trex_serve.admission.risk_settings import RiskSettings, ip_allowed, normalize_risk
 from trex_serve.store.crypto import DecryptionError, SecretBox, derive_key, mask
 from trex_serve.store.keys import generate_api_key, generate_owner_token, hash_key, key_prefix, new_id
 

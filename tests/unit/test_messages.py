@@ -1,11 +1,11 @@
-"""Role-by-role validation of chat messages and Responses input items (trex_serve.messages)."""
+"""Role-by-role validation of chat messages and Responses input items (trex_serve.api.messages)."""
 
 from __future__ import annotations
 
 import pytest
 
+from trex_serve.api.messages import check_chat_messages, check_responses_input
 from trex_serve.errors import InvalidRequest
-from trex_serve.messages import check_chat_messages, check_responses_input
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 

@@ -16,11 +16,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tests import ops_files
-from trex_serve.embedded import free_port
-from trex_serve.health import TargetHealth
-from trex_serve.metrics import GatewayMetrics, MetricsExchange
-from trex_serve.records import RequestRecord
-from trex_serve.routing import RoutingTable
+from trex_serve.local.embedded import free_port
+from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange
+from trex_serve.observability.records import RequestRecord
+from trex_serve.routing.health import TargetHealth
+from trex_serve.routing.resolve import RoutingTable
 
 needs_promtool = pytest.mark.skipif(ops_files.promtool() is None,
                                     reason="promtool not installed (Debian package 'prometheus')")

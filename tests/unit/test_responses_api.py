@@ -12,7 +12,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from trex_serve.responses_api import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
+from trex_serve.api.responses import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",

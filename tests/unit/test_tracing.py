@@ -11,8 +11,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.fakes import data_path_client
 from tests.helpers import MockProcess, write_catalog
-from trex_serve import tracing
 from trex_serve.catalog import load_catalog
+from trex_serve.observability import tracing
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from trex_serve.catalog import CatalogError, UpstreamKey, parse_catalog
-from trex_serve.upstream_keys import rendezvous_order
+from trex_serve.routing.upstream_keys import rendezvous_order
 
 
 def _catalog(provider: dict) -> dict:

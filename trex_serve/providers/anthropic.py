@@ -12,10 +12,10 @@ from typing import Any
 
 import orjson
 
+from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.catalog import Provider
 from trex_serve.providers.base import UpstreamCall, Usage, register
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
-from trex_serve.tokens import CHARS_PER_TOKEN
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096

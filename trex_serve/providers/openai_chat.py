@@ -6,10 +6,10 @@ from typing import Any
 
 import orjson
 
+from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.catalog import Provider
 from trex_serve.providers.base import UpstreamCall, Usage, error_fields, register
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
-from trex_serve.tokens import CHARS_PER_TOKEN
 
 
 def _content_chars(event: bytes) -> int:

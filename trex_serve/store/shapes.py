@@ -12,8 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trex_serve.admission.risk_settings import normalize_risk
 from trex_serve.errors import InvalidRequest
-from trex_serve.risk_settings import normalize_risk
 from trex_serve.store.models import (
     MICRO,
     Account,

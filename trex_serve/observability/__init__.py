@@ -1,0 +1,2 @@
+"""What each request leaves behind for operators: Prometheus metrics, the request record, and
+OpenTelemetry traces."""
