@@ -211,6 +211,7 @@ class Runtime:
         app.include_router(build_upstream_keys_router(
             self.settings.admin_token, lambda: self.key_caller,
             lambda action, target, detail: self._key_audit("operator", action, target, detail)))
-        app.include_router(build_account_router(self))
+        app.include_router(build_account_router(self.repo, self.settings.admin_token, lambda: self.catalog,
+                                                 self._on_change, self._usage))
         app.include_router(build_dashboard_router())
         return app

@@ -143,14 +143,14 @@ async def test_secret_key_rotation_end_to_end(gw):
     both = Repository(engine, "new-secret-2,test-secret")
     assert both.binding_secret(acc["id"], key["id"], "byok") == BOUND
     # Step 2: re-encrypt every stored binding with the new secret.
-    assert crypto.rotate(both) >= 1
+    assert both.rotate_bindings() >= 1
     # Step 3: deploy TREX_SECRET_KEY="new": only the new secret is needed; the old one no longer works.
     new = Repository(engine, "new-secret-2")
     assert new.binding_secret(acc["id"], key["id"], "byok") == BOUND
     with pytest.raises(crypto.DecryptionError):
         old.binding_secret(acc["id"], key["id"], "byok")
     # Rotating twice is harmless.
-    assert crypto.rotate(new) >= 1
+    assert new.rotate_bindings() >= 1
     assert new.binding_secret(acc["id"], key["id"], "byok") == BOUND
     with engine.connect() as conn:
         stored = conn.execute(sa.text("SELECT encrypted_key FROM provider_bindings WHERE account_id = :a"),

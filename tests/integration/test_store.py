@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import make_url
 
 from trex_serve.errors import Conflict, InvalidRequest, NotFound
-from trex_serve.store import Repository, create_engine, migrate, rotate
+from trex_serve.store import Repository, create_engine, migrate
 from trex_serve.store.database import current_revision, head_revision
 from trex_serve.store.models import metadata
 
@@ -257,7 +257,7 @@ def test_secret_rotation(engine):
     old.put_binding(acc["id"], "openai", "sk-rotate-me-123456")
     rotated = Repository(engine, "new-secret,old-secret")
     assert rotated.binding_secret(acc["id"], None, "openai") == "sk-rotate-me-123456"
-    assert rotate(rotated) == 1
+    assert rotated.rotate_bindings() == 1
     new_only = Repository(engine, "new-secret")
     assert new_only.binding_secret(acc["id"], None, "openai") == "sk-rotate-me-123456"
 

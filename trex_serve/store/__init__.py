@@ -1,6 +1,6 @@
 """Durable control-plane storage: SQLModel tables, migrations, the repository, encryption."""
 
-from trex_serve.store.crypto import SecretBox, mask, rotate
+from trex_serve.store.crypto import SecretBox, mask
 from trex_serve.store.database import create_engine, migrate, normalize_url
 from trex_serve.store.repository import KeyContext, Repository, as_utc, credits, to_micro
 
@@ -14,6 +14,5 @@ __all__ = [
     "mask",
     "migrate",
     "normalize_url",
-    "rotate",
     "to_micro",
 ]

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+import trex_serve.store.keys as keygen
 from trex_serve.errors import InvalidRequest, NotFound
-from trex_serve.store import keys as keygen
 from trex_serve.store.crypto import mask
 from trex_serve.store.models import (
     Account,
@@ -135,7 +135,7 @@ class BindingsMixin:
         return self.box.decrypt(row.encrypted_key)
 
     def rotate_bindings(self) -> int:
-        """Re-encrypt every binding with the first secret (see crypto.rotate)."""
+        """Re-encrypt every binding with the first secret; returns how many were rewritten."""
         with self._session() as s, s.begin():
             rows = s.exec(select(ProviderBinding).with_for_update()).all()
             for row in rows:

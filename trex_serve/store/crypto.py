@@ -2,19 +2,16 @@
 
 Any string works as a secret: a 32-byte Fernet key is derived from it with SHA-256. A
 comma-separated list enables rotation: the first secret encrypts, all of them decrypt, and
-:func:`rotate` re-encrypts every stored binding with the first one.
+``Repository.rotate_bindings`` re-encrypts every stored binding with the first one. This module
+knows nothing of the repository: the repository uses it, never the other way round.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-
-if TYPE_CHECKING:
-    from trex_serve.store.repository import Repository
 
 
 class DecryptionError(ValueError):
@@ -63,8 +60,3 @@ def mask(secret: str | None) -> str | None:
         head = secret[: dash + 1]
     tail = secret[-4:] if len(secret) >= 12 else ""
     return f"{head}…{tail}"
-
-
-def rotate(repo: Repository) -> int:
-    """Re-encrypt all provider bindings with the first secret; returns how many were rewritten."""
-    return repo.rotate_bindings()

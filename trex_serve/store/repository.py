@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+import trex_serve.store.keys as keygen
 from trex_serve.errors import Conflict, InvalidRequest, NotFound
-from trex_serve.store import keys as keygen
 from trex_serve.store.bindings import BindingsMixin
 from trex_serve.store.crypto import SecretBox
 from trex_serve.store.history import HistoryMixin

@@ -5,8 +5,8 @@ works on the token's own account only: an id that belongs to another account is 
 same as an id that does not exist, so nothing leaks about other accounts. The operator token is
 accepted too, with ``?account_id=`` naming the account to view (the operator's view of the page).
 
-Changes that affect authentication are announced through ``runtime._on_change`` (like the operator
-API) and leave audit rows with actor ``owner`` (or ``operator`` in the operator's view).
+Changes that affect authentication are announced through ``on_change`` (like the operator API)
+and leave audit rows with actor ``owner`` (or ``operator`` in the operator's view).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request
@@ -27,13 +27,11 @@ from pydantic import Field, field_validator
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
+from trex_serve.catalog import Catalog
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.store.models import RequestLog
-from trex_serve.store.repository import KeyLimits, as_utc
+from trex_serve.store.repository import KeyLimits, Repository, as_utc
 from trex_serve.web.admin_api import PutBinding, _Body, _dump, _int_query, _json_body, reject_null
-
-if TYPE_CHECKING:
-    from trex_serve.runtime import Runtime
 
 log = logging.getLogger("trex.account")
 
@@ -120,10 +118,12 @@ def traffic_buckets(engine: sa.Engine, account_id: str, minutes: int,
             "buckets": buckets, "totals": totals, "truncated": len(rows) >= MAX_TRAFFIC_ROWS}
 
 
-def build_account_router(runtime: Runtime) -> APIRouter:
-    """The ``/v1/dashboard`` router, bound to one replica's runtime."""
-    repo = runtime.repo
-    admin_token = runtime.settings.admin_token or ""
+def build_account_router(repo: Repository, admin_token: str | None, catalog: Callable[[], Catalog],
+                         on_change: Callable[[str, str], Awaitable[None]],
+                         live_usage: Callable[[str], Awaitable[dict[str, Any]]]) -> APIRouter:
+    """The ``/v1/dashboard`` router, bound to one replica's collaborators: ``catalog`` returns the
+    live catalog, ``on_change`` announces an auth-relevant change, ``live_usage`` reads live counters."""
+    admin_token = admin_token or ""
 
     async def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -147,7 +147,7 @@ def build_account_router(runtime: Runtime) -> APIRouter:
 
     async def changed(kind: str, ident: str) -> None:
         try:
-            await runtime._on_change(kind, ident)
+            await on_change(kind, ident)
         except Exception:  # committed; caches fall back to their TTL
             log.exception("on_change(%s, %s) failed", kind, ident)
 
@@ -158,7 +158,7 @@ def build_account_router(runtime: Runtime) -> APIRouter:
         return key
 
     def check_provider(provider: str) -> None:
-        known = {p.name for p in runtime.catalog.providers}
+        known = {p.name for p in catalog().providers}
         if provider not in known:
             raise InvalidRequest(f"Unknown provider {provider!r} (known: {', '.join(sorted(known))})",
                                  param="provider")
@@ -170,14 +170,14 @@ def build_account_router(runtime: Runtime) -> APIRouter:
         acc = await call(repo.get_account, me.account_id)
         if acc is None:
             raise NotFound(f"No account {me.account_id!r}", param="account_id")
-        plan = runtime.catalog.plan(acc["plan"])
+        plan = catalog().plan(acc["plan"])
         return {
             "object": "account_view",
             "viewer": me.actor,
             "account": acc,
             "plan": plan.model_dump() if plan else {"name": acc["plan"]},
             "subscription": {"state": acc["subscription_state"], "grace_until": acc["grace_until"]},
-            "providers": sorted(p.name for p in runtime.catalog.providers),
+            "providers": sorted(p.name for p in catalog().providers),
         }
 
     # ------------------------------------------------------------ keys
@@ -243,7 +243,7 @@ def build_account_router(runtime: Runtime) -> APIRouter:
         out: dict[str, Any] = {"object": "usage", "account_id": me.account_id,
                                "plan": acc["plan"] if acc else None, "credits": credit_view(totals), "quota": {}}
         try:
-            apply_live(out, totals, await runtime._usage(me.account_id))
+            apply_live(out, totals, await live_usage(me.account_id))
         except Exception:
             log.exception("usage(%s) failed", me.account_id)
             out["quota"] = {"error": "live counters unavailable"}
