@@ -16,7 +16,8 @@ import orjson
 from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Settlement, Ticket
 from trex_serve.admission.tokens import CHARS_PER_TOKEN, estimate_messages, estimate_text
 from trex_serve.api.messages import check_chat_messages, check_responses_input
-from trex_serve.api.responses import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
+from trex_serve.api.responses import ResponsesInputError, chat_to_response, responses_to_chat
+from trex_serve.api.responses_stream import ResponsesStream
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.catalog import Catalog
 from trex_serve.errors import (
