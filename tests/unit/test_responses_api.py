@@ -12,7 +12,8 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from trex_serve.api.responses import ResponsesInputError, ResponsesStream, chat_to_response, responses_to_chat
+from trex_serve.api.responses import ResponsesInputError, chat_to_response, responses_to_chat
+from trex_serve.api.responses_stream import ResponsesStream
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",

@@ -1,10 +1,8 @@
-"""OpenAI Responses API ↔ chat completions, as pure functions, for providers that only speak chat.
+"""OpenAI Responses API ↔ chat completions, whole bodies, as pure functions, for chat-only providers.
 
-`responses_to_chat` maps a `/v1/responses` request body to a chat completions body (a new dict),
-`chat_to_response` maps a whole chat.completion back to a `response` object, and `ResponsesStream`
-turns chat.completion.chunk SSE into the typed Responses SSE events (`response.created` ...
-`response.completed`) the official SDKs parse. SSE comments (the `: trex-usage` settlement
-trailer) pass through the stream translation untouched."""
+`responses_to_chat` maps a `/v1/responses` request body to a chat completions body (a new dict) and
+`chat_to_response` maps a whole chat.completion back to a `response` object. The item and `response`
+builders here are shared with the stream translation (`responses_stream.py`)."""
 
 from __future__ import annotations
 
@@ -13,8 +11,6 @@ import uuid
 from typing import Any
 
 import orjson
-
-from trex_serve.providers.sse import EventSplitter, data_of
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -27,7 +23,7 @@ class ResponsesInputError(ValueError):
         self.param = param
 
 
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -164,7 +160,7 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 # ---- response ---------------------------------------------------------------------------------
 
 
-def _usage(usage: Any) -> dict[str, Any] | None:
+def responses_usage(usage: Any) -> dict[str, Any] | None:
     if not isinstance(usage, dict):
         return None
     inp = int(usage.get("prompt_tokens") or 0)
@@ -182,7 +178,7 @@ def _echo_tools(request: dict[str, Any]) -> list[dict[str, Any]]:
             for t in request.get("tools") or [] if isinstance(t, dict) and t.get("type") == "function"]
 
 
-def _response(resp_id: str, created: float, model: Any, request: dict[str, Any], status: str,
+def response_object(resp_id: str, created: float, model: Any, request: dict[str, Any], status: str,
               output: list[dict[str, Any]], usage: dict[str, Any] | None = None,
               error: dict[str, Any] | None = None, incomplete: str | None = None) -> dict[str, Any]:
     return {
@@ -199,7 +195,7 @@ def _response(resp_id: str, created: float, model: Any, request: dict[str, Any],
     }
 
 
-def _message_item(item_id: str, text: str, status: str, refusal: str | None = None) -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str, refusal: str | None = None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text or refusal is None:
         content.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
@@ -208,7 +204,7 @@ def _message_item(item_id: str, text: str, status: str, refusal: str | None = No
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
-def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}
 
@@ -224,185 +220,15 @@ def chat_to_response(chat_json: bytes | dict[str, Any], request_body: dict[str, 
     output: list[dict[str, Any]] = []
     text = message.get("content") or ""
     if text or message.get("refusal"):
-        output.append(_message_item(_new_id("msg"), text, "completed", message.get("refusal")))
+        output.append(message_item(new_id("msg"), text, "completed", message.get("refusal")))
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
-        output.append(_call_item(_new_id("fc"), call.get("id") or "", fn.get("name") or "",
+        output.append(call_item(new_id("fc"), call.get("id") or "", fn.get("name") or "",
                                  fn.get("arguments") or "", "completed"))
     if not output:
-        output.append(_message_item(_new_id("msg"), "", "completed"))
+        output.append(message_item(new_id("msg"), "", "completed"))
     finish = choice.get("finish_reason")
     incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish or "")
-    return _response(_new_id("resp"), float(chat.get("created") or time.time()), chat.get("model"),
+    return response_object(new_id("resp"), float(chat.get("created") or time.time()), chat.get("model"),
                      request_body, "incomplete" if incomplete else "completed", output,
-                     _usage(chat.get("usage")), incomplete=incomplete)
-
-
-# ---- streaming --------------------------------------------------------------------------------
-
-
-class ResponsesStream:
-    """chat.completion.chunk SSE in, typed Responses SSE events out (one per stream)."""
-
-    def __init__(self, request_body: dict[str, Any]) -> None:
-        self.request = request_body
-        self.id = _new_id("resp")
-        self.created = time.time()
-        self.model: Any = request_body.get("model")
-        self._split = EventSplitter()
-        self._seq = 0
-        self._started = False
-        self._ended = False
-        self._output: list[dict[str, Any]] = []   # finished items, by output_index
-        self._message: dict[str, Any] | None = None  # the open message: id, index, text
-        self._calls: dict[int, dict[str, Any]] = {}  # chat tool_call index → open function call
-        self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
-
-    # -- event writing
-
-    def _event(self, kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, "sequence_number": self._seq, **fields}
-        self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-    def _snapshot(self, status: str, **extra: Any) -> dict[str, Any]:
-        return _response(self.id, self.created, self.model, self.request, status,
-                         [item for item in self._output if item is not None], **extra)
-
-    def _start(self) -> bytes:
-        self._started = True
-        return (self._event("response.created", response=self._snapshot("in_progress"))
-                + self._event("response.in_progress", response=self._snapshot("in_progress")))
-
-    def _open_message(self) -> bytes:
-        index = len(self._output)
-        self._output.append(None)  # type: ignore[arg-type]  (reserved until done)
-        self._message = {"id": _new_id("msg"), "index": index, "text": []}
-        m = self._message
-        return (self._event("response.output_item.added", output_index=index,
-                            item=_message_item(m["id"], "", "in_progress") | {"content": []})
-                + self._event("response.content_part.added", item_id=m["id"], output_index=index,
-                              content_index=0, part={"type": "output_text", "text": "", "annotations": [],
-                                                     "logprobs": []}))
-
-    def _close_message(self) -> bytes:
-        m, self._message = self._message, None
-        if m is None:
-            return b""
-        text = "".join(m["text"])
-        item = _message_item(m["id"], text, "completed")
-        self._output[m["index"]] = item
-        return (self._event("response.output_text.done", item_id=m["id"], output_index=m["index"],
-                            content_index=0, text=text, logprobs=[])
-                + self._event("response.content_part.done", item_id=m["id"], output_index=m["index"],
-                              content_index=0, part=item["content"][0])
-                + self._event("response.output_item.done", output_index=m["index"], item=item))
-
-    def _close_calls(self) -> bytes:
-        out = b""
-        for call in self._calls.values():
-            args = "".join(call["args"])
-            item = _call_item(call["id"], call["call_id"], call["name"], args, "completed")
-            self._output[call["index"]] = item
-            out += (self._event("response.function_call_arguments.done", item_id=call["id"],
-                                output_index=call["index"], arguments=args)
-                    + self._event("response.output_item.done", output_index=call["index"], item=item))
-        self._calls = {}
-        return out
-
-    # -- chat chunks
-
-    def _chunk(self, obj: dict[str, Any]) -> bytes:
-        out = b"" if self._started else self._start()
-        if obj.get("model"):
-            self.model = obj["model"]
-        if isinstance(obj.get("usage"), dict):
-            self._usage = _usage(obj["usage"])
-        for choice in obj.get("choices") or []:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                if self._message is None:
-                    out += self._open_message()
-                m = self._message
-                assert m is not None
-                m["text"].append(text)
-                out += self._event("response.output_text.delta", item_id=m["id"], output_index=m["index"],
-                                   content_index=0, delta=text, logprobs=[])
-            for tc in delta.get("tool_calls") or []:
-                out += self._tool_delta(tc)
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-        return out
-
-    def _tool_delta(self, tc: dict[str, Any]) -> bytes:
-        out = b""
-        index = int(tc.get("index") or 0)
-        fn = tc.get("function") or {}
-        call = self._calls.get(index)
-        if call is None:
-            out += self._close_message()
-            call = {"id": _new_id("fc"), "index": len(self._output), "call_id": tc.get("id") or "",
-                    "name": fn.get("name") or "", "args": []}
-            self._output.append(None)  # type: ignore[arg-type]
-            self._calls[index] = call
-            out += self._event("response.output_item.added", output_index=call["index"],
-                               item=_call_item(call["id"], call["call_id"], call["name"], "", "in_progress"))
-        if fn.get("arguments"):
-            call["args"].append(fn["arguments"])
-            out += self._event("response.function_call_arguments.delta", item_id=call["id"],
-                               output_index=call["index"], delta=fn["arguments"])
-        return out
-
-    def _complete(self) -> bytes:
-        self._ended = True
-        out = (b"" if self._started else self._start()) + self._close_message() + self._close_calls()
-        incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self._finish or "")
-        if incomplete:
-            return out + self._event("response.incomplete", response=self._snapshot(
-                "incomplete", usage=self._usage, incomplete=incomplete))
-        return out + self._event("response.completed", response=self._snapshot("completed", usage=self._usage))
-
-    def _fail(self, code: str, message: str) -> bytes:
-        self._ended = True
-        out = (b"" if self._started else self._start()) + self._close_message() + self._close_calls()
-        error = {"code": "rate_limit_exceeded" if "rate_limit" in code else "server_error",
-                 "message": message, "type": code}
-        return (out + self._event("error", code=code, message=message, param=None)
-                + self._event("response.failed", response=self._snapshot("failed", usage=self._usage,
-                                                                         error=error)))
-
-    def _handle(self, event: bytes) -> bytes:
-        if event.startswith(b":"):
-            return event + b"\n\n"  # comments (the settlement trailer) pass through
-        if self._ended:
-            return b""
-        data = data_of(event)
-        if data is None:
-            return b""
-        if data.strip() == b"[DONE]":
-            return self._complete()
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return b""
-        if not isinstance(obj, dict):
-            return b""
-        if isinstance(obj.get("error"), dict):
-            err = obj["error"]
-            return self._fail(str(err.get("code") or err.get("type") or "server_error"),
-                              str(err.get("message") or "upstream error"))
-        return self._chunk(obj)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._handle(e) for e in self._split.feed(chunk))
-
-    def finish(self) -> bytes:
-        rest = self._split.rest()
-        out = self._handle(rest) if rest.strip() else b""
-        if not self._ended:
-            out += self._fail("upstream_stream_interrupted", "the upstream stream ended early")
-        return out
+                     responses_usage(chat.get("usage")), incomplete=incomplete)

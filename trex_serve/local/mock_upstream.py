@@ -330,7 +330,8 @@ class MockUpstream:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """A provider that speaks the Responses API natively: the same answer as chat, in its shape."""
-        from trex_serve.api.responses import ResponsesStream, chat_to_response, responses_to_chat
+        from trex_serve.api.responses import chat_to_response, responses_to_chat
+        from trex_serve.api.responses_stream import ResponsesStream
 
         self.stats["requests"] += 1
         self.stats["last_auth"] = request.headers.get("Authorization")

@@ -14,9 +14,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.admission.client_ip import client_address
+from trex_serve.answers import Answer
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.hop.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
-from trex_serve.pipeline import Answer, Pipeline, new_request_id
+from trex_serve.pipeline import Pipeline, new_request_id
 from trex_serve.settings import Settings
 from trex_serve.web import openapi
 from trex_serve.web.front_id import front_secret, trusted_request_id

@@ -1,9 +1,9 @@
-"""OpenAI chat completions ↔ Anthropic Messages (`format: anthropic`).
+"""OpenAI chat ↔ Anthropic Messages, whole bodies: the request mapping and the answer mapping.
 
-The client speaks OpenAI chat; the upstream speaks `POST {base_url}/messages`. `build` maps the
-request, `translate_response` maps a whole answer back, `AnthropicStream` maps the typed Anthropic
-SSE events to chat.completion.chunk events as they arrive, and `translate_error` reads Anthropic's
-error envelope. Nothing here mutates the caller's body, so a fallback can translate it again."""
+`to_anthropic` maps an OpenAI chat completions body to an Anthropic Messages request (a new dict,
+the caller's body is never mutated, so a fallback can translate it again); `to_openai` maps a whole
+Anthropic message back to a chat.completion. The stop-reason and usage helpers here are shared with
+the stream translator (`stream.py`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ from typing import Any
 
 import orjson
 
-from trex_serve.admission.tokens import CHARS_PER_TOKEN
-from trex_serve.catalog import Provider
-from trex_serve.providers.base import UpstreamCall, Usage, register
-from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
+from trex_serve.providers.base import Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -201,7 +198,7 @@ def to_anthropic(body: dict[str, Any], upstream_model: str, stream: bool) -> dic
 # ---- response: Anthropic message → OpenAI chat.completion -------------------------------------
 
 
-def _usage_numbers(usage: Any) -> tuple[int, int, int] | None:
+def usage_numbers(usage: Any) -> tuple[int, int, int] | None:
     """(prompt, completion, cached) of an Anthropic usage object; prompt includes cache tokens."""
     if not isinstance(usage, dict):
         return None
@@ -213,7 +210,7 @@ def _usage_numbers(usage: Any) -> tuple[int, int, int] | None:
     return prompt, int(out or 0), cached
 
 
-def _openai_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def openai_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
     usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}
     if cached:
@@ -243,177 +240,8 @@ def to_openai(data: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": finish_reason(data.get("stop_reason")) or "stop"}],
     }
-    numbers = _usage_numbers(data.get("usage"))
+    numbers = usage_numbers(data.get("usage"))
     if numbers is None:
         return answer, None
-    answer["usage"] = _openai_usage(*numbers)
+    answer["usage"] = openai_usage(*numbers)
     return answer, Usage(numbers[0], numbers[1])
-
-
-# ---- streaming --------------------------------------------------------------------------------
-
-
-class AnthropicStream:
-    """Anthropic message events in, chat.completion.chunk events out (one translator per stream)."""
-
-    def __init__(self, want_usage: bool, model: str) -> None:
-        self.want_usage = want_usage
-        self.usage: Usage | None = None
-        self.delivered_chars = 0
-        self._split = EventSplitter()
-        self._id = "msg"
-        self._model = model
-        self._created = int(time.time())
-        self._prompt = 0
-        self._completion = 0
-        self._cached = 0
-        self._final_usage = False
-        self._tools: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
-        self._done = False
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        obj = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-               "model": self._model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                  "logprobs": None}]}
-        return b"data: " + orjson.dumps(obj)
-
-    def _take_usage(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        if isinstance(usage.get("input_tokens"), int):
-            numbers = _usage_numbers(usage)
-            if numbers is not None:
-                self._prompt, self._cached = numbers[0], numbers[2]
-        if isinstance(usage.get("output_tokens"), int):
-            self._completion = usage["output_tokens"]  # cumulative in Anthropic's events
-
-    def _event(self, event: bytes) -> bytes | None:
-        data = data_of(event)
-        if not data:
-            return None
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict):
-            return None
-        kind = obj.get("type")
-        if kind == "message_start":
-            msg = obj.get("message") or {}
-            self._id = str(msg.get("id") or self._id)
-            self._model = msg.get("model") or self._model
-            self._take_usage(msg.get("usage"))
-            return self._chunk({"role": "assistant", "content": ""})
-        if kind == "content_block_start":
-            block = obj.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                index = self._tools.setdefault(int(obj.get("index") or 0), len(self._tools))
-                self.delivered_chars += len(block.get("name") or "")
-                return self._chunk({"tool_calls": [{"index": index, "id": block.get("id") or "",
-                                                    "type": "function",
-                                                    "function": {"name": block.get("name") or "",
-                                                                 "arguments": ""}}]})
-            if block.get("type") == "text" and block.get("text"):
-                self.delivered_chars += len(block["text"])
-                return self._chunk({"content": block["text"]})
-            return None
-        if kind == "content_block_delta":
-            delta = obj.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                text = str(delta.get("text") or "")
-                self.delivered_chars += len(text)
-                return self._chunk({"content": text}) if text else None
-            if delta.get("type") == "input_json_delta":
-                index = self._tools.get(int(obj.get("index") or 0))
-                part = str(delta.get("partial_json") or "")
-                if index is None or not part:
-                    return None
-                self.delivered_chars += len(part)
-                return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
-            return None  # thinking / signature deltas are not part of the chat schema
-        if kind == "message_delta":
-            self._take_usage(obj.get("usage"))
-            self._final_usage = self._final_usage or isinstance((obj.get("usage") or {}).get("output_tokens"), int)
-            reason = finish_reason((obj.get("delta") or {}).get("stop_reason"))
-            return self._chunk({}, reason) if reason else None
-        if kind == "message_stop":
-            self._done = True
-            out = []
-            if self.want_usage and (self._final_usage or self._prompt):
-                usage = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                         "model": self._model, "choices": [],
-                         "usage": _openai_usage(self._prompt, self._completion, self._cached)}
-                out.append(b"data: " + orjson.dumps(usage))
-            out.append(b"data: [DONE]")
-            return b"\n\n".join(out)
-        if kind == "error":
-            err = obj.get("error") or {}
-            code = str(err.get("type") or "upstream_error")
-            body = {"error": {"message": str(err.get("message") or code), "type": "upstream_error",
-                              "code": code}}
-            return b"data: " + orjson.dumps(body)
-        return None  # ping, content_block_stop, unknown future events
-
-    def feed(self, chunk: bytes) -> bytes:
-        out = [e for e in (self._event(ev) for ev in self._split.feed(chunk)) if e]
-        return b"\n\n".join(out) + b"\n\n" if out else b""
-
-    def finish(self) -> bytes:
-        rest = self._split.rest()
-        tail = self._event(rest) if rest.strip() else None
-        head = tail + b"\n\n" if tail else b""
-        if self._final_usage:
-            self.usage = Usage(self._prompt, self._completion)
-        else:  # cut short: what we saw of the prompt, and an estimate of what was delivered
-            self.usage = Usage(self._prompt, max(self._completion, self.delivered_chars // CHARS_PER_TOKEN), True)
-        u = self.usage
-        return head + usage_comment(u.prompt_tokens, u.completion_tokens, u.estimated)
-
-
-# ---- the adapter ------------------------------------------------------------------------------
-
-
-class AnthropicAdapter:
-    format = "anthropic"
-
-    def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider) -> UpstreamCall:
-        if api != "chat":
-            raise ValueError(f"the anthropic adapter serves the chat API only, not {api!r}")
-        headers = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
-                   **provider.headers}
-        if api_key:
-            headers["x-api-key"] = api_key
-        payload = orjson.dumps(to_anthropic(body, upstream_model, stream))
-        return UpstreamCall(provider.base_url.rstrip("/") + "/messages", headers, payload)
-
-    def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise ValueError("upstream answered with malformed JSON") from None
-        if not isinstance(data, dict) or not isinstance(data.get("content"), list):
-            raise ValueError("upstream answered with something that is not an Anthropic message")
-        answer, usage = to_openai(data)
-        return orjson.dumps(answer), usage
-
-    def stream_translator(self, api: str, want_usage: bool, model: str) -> AnthropicStream:
-        return AnthropicStream(want_usage, model)
-
-    def translate_error(self, status: int, body: bytes) -> tuple[str, str]:
-        default = f"upstream_http_{status}"
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            text = body[:200].decode("utf-8", "replace").strip()
-            return default, text or default
-        err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            code = str(err.get("type") or err.get("code") or default)
-            return code, str(err.get("message") or code)
-        if isinstance(err, str):
-            return default, err
-        return default, default
-
-
-register(AnthropicAdapter())

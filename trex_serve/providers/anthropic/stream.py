@@ -1,0 +1,133 @@
+"""Anthropic Messages SSE events → OpenAI chat.completion.chunk events, with usage while streaming.
+
+One `AnthropicStream` per answer: it keeps the message id, the tool-call indexes and the running
+token counts, and on `finish` reports the usage (estimated when the stream was cut short)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from trex_serve.admission.tokens import CHARS_PER_TOKEN
+from trex_serve.providers.anthropic.mapping import finish_reason, openai_usage, usage_numbers
+from trex_serve.providers.base import Usage
+from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
+
+
+class AnthropicStream:
+    """Anthropic message events in, chat.completion.chunk events out (one translator per stream)."""
+
+    def __init__(self, want_usage: bool, model: str) -> None:
+        self.want_usage = want_usage
+        self.usage: Usage | None = None
+        self.delivered_chars = 0
+        self._split = EventSplitter()
+        self._id = "msg"
+        self._model = model
+        self._created = int(time.time())
+        self._prompt = 0
+        self._completion = 0
+        self._cached = 0
+        self._final_usage = False
+        self._tools: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
+        self._done = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+               "model": self._model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                  "logprobs": None}]}
+        return b"data: " + orjson.dumps(obj)
+
+    def _take_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        if isinstance(usage.get("input_tokens"), int):
+            numbers = usage_numbers(usage)
+            if numbers is not None:
+                self._prompt, self._cached = numbers[0], numbers[2]
+        if isinstance(usage.get("output_tokens"), int):
+            self._completion = usage["output_tokens"]  # cumulative in Anthropic's events
+
+    def _event(self, event: bytes) -> bytes | None:
+        data = data_of(event)
+        if not data:
+            return None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        kind = obj.get("type")
+        if kind == "message_start":
+            msg = obj.get("message") or {}
+            self._id = str(msg.get("id") or self._id)
+            self._model = msg.get("model") or self._model
+            self._take_usage(msg.get("usage"))
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            block = obj.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self._tools.setdefault(int(obj.get("index") or 0), len(self._tools))
+                self.delivered_chars += len(block.get("name") or "")
+                return self._chunk({"tool_calls": [{"index": index, "id": block.get("id") or "",
+                                                    "type": "function",
+                                                    "function": {"name": block.get("name") or "",
+                                                                 "arguments": ""}}]})
+            if block.get("type") == "text" and block.get("text"):
+                self.delivered_chars += len(block["text"])
+                return self._chunk({"content": block["text"]})
+            return None
+        if kind == "content_block_delta":
+            delta = obj.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                text = str(delta.get("text") or "")
+                self.delivered_chars += len(text)
+                return self._chunk({"content": text}) if text else None
+            if delta.get("type") == "input_json_delta":
+                index = self._tools.get(int(obj.get("index") or 0))
+                part = str(delta.get("partial_json") or "")
+                if index is None or not part:
+                    return None
+                self.delivered_chars += len(part)
+                return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
+            return None  # thinking / signature deltas are not part of the chat schema
+        if kind == "message_delta":
+            self._take_usage(obj.get("usage"))
+            self._final_usage = self._final_usage or isinstance((obj.get("usage") or {}).get("output_tokens"), int)
+            reason = finish_reason((obj.get("delta") or {}).get("stop_reason"))
+            return self._chunk({}, reason) if reason else None
+        if kind == "message_stop":
+            self._done = True
+            out = []
+            if self.want_usage and (self._final_usage or self._prompt):
+                usage = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                         "model": self._model, "choices": [],
+                         "usage": openai_usage(self._prompt, self._completion, self._cached)}
+                out.append(b"data: " + orjson.dumps(usage))
+            out.append(b"data: [DONE]")
+            return b"\n\n".join(out)
+        if kind == "error":
+            err = obj.get("error") or {}
+            code = str(err.get("type") or "upstream_error")
+            body = {"error": {"message": str(err.get("message") or code), "type": "upstream_error",
+                              "code": code}}
+            return b"data: " + orjson.dumps(body)
+        return None  # ping, content_block_stop, unknown future events
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = [e for e in (self._event(ev) for ev in self._split.feed(chunk)) if e]
+        return b"\n\n".join(out) + b"\n\n" if out else b""
+
+    def finish(self) -> bytes:
+        rest = self._split.rest()
+        tail = self._event(rest) if rest.strip() else None
+        head = tail + b"\n\n" if tail else b""
+        if self._final_usage:
+            self.usage = Usage(self._prompt, self._completion)
+        else:  # cut short: what we saw of the prompt, and an estimate of what was delivered
+            self.usage = Usage(self._prompt, max(self._completion, self.delivered_chars // CHARS_PER_TOKEN), True)
+        u = self.usage
+        return head + usage_comment(u.prompt_tokens, u.completion_tokens, u.estimated)
