@@ -5,7 +5,7 @@ from then on, and how often the gateway still tried a provider while it was down
     python -m loadtests.outage --host http://127.0.0.1:8000 --admin-token T --catalog catalog.yaml \\
         [--model gpt-4o-mini] [--rate 10] [--warmup 3] [--outage 45] [--after 10]
 
-The mocks are found through the catalog's ``base_url`` (``trex_serve/local/mock_upstream.py``). No Locust
+The mocks are found through the catalog's ``base_url`` (``trex_serve/local/mock_upstream/``). No Locust
 here: the e2e tests import ``run_outage`` and assert on its counts. Exit 1 when the model was not
 answering again within ``--bound`` seconds of the heal or failed again after its first answer.
 """

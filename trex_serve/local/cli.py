@@ -265,7 +265,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from trex_serve.local.mock_upstream import serve_forever
+    from trex_serve.local.mock_upstream.server import serve_forever
     serve_forever(args.port, args.name, args.host)
     return 0
 
