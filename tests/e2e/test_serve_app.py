@@ -364,6 +364,29 @@ smart_auto: [gpt-4o-mini]"""))
     ids = [m["id"] for m in httpx.get(f"{gateway['base']}/v1/models", timeout=10,
                                       headers={"Authorization": f"Bearer {gateway['key']}"}).json()["data"]]
     assert "added-later" in ids
+    # Old and new ingress replicas listen only in this gateway's own block: a port one of them left is
+    # never taken by another gateway on the machine while a stale proxy worker still sends there.
+    first, last = json.loads((Path(env["TREX_HOME"]) / "gateway.json").read_text())["ingress_ports"]
+    ports = _ingress_ports(Path(env["TREX_HOME"]))
+    assert len({p for p in ports if first <= p < last}) >= 2, (ports, first, last)
+    assert not any(30000 <= p < 31000 for p in ports), ports  # Serve's range shared by every cluster
+
+
+def _ingress_ports(home: Path) -> set[int]:
+    import psutil
+
+    session = json.loads((home / "gateway.json").read_text())["ray_session"]
+    ports = set()
+    for conn in psutil.net_connections("tcp"):
+        if conn.status != psutil.CONN_LISTEN or not conn.pid:
+            continue
+        try:
+            ours = os.getsid(conn.pid) == session and "Ingress" in " ".join(psutil.Process(conn.pid).cmdline())
+        except (OSError, psutil.Error):
+            continue
+        if ours:
+            ports.add(conn.laddr.port)
+    return ports
 
 
 def _sdk(gateway, key: str) -> openai.OpenAI:

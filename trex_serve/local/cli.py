@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from trex_serve.local import ingress_ports
 from trex_serve.local.embedded import free_port, port_open, start_redis
 from trex_serve.local.processes import (
     front_proxy_config,
@@ -128,6 +129,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     base = args.haproxy_ports_base
     ray_env.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(base if base else free_port()))
     ray_env.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(base + 1 if base else free_port()))
+    if "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in ray_env:
+        # A block of ingress-replica ports no other gateway on this machine uses (ingress_ports.py).
+        ray_env.update(ingress_ports.ray_env(*ingress_ports.claim(home, args.ray_port)))
     client_port = args.ray_client_port or free_port()
     ray_cmd = [shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "start", "--head",
                f"--port={args.ray_port}", "--include-dashboard=false", "--disable-usage-stats",
@@ -136,7 +140,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                f"--ray-client-server-port={client_port}"]
     gateway = {"http_port": serve_port, "ray_port": args.ray_port, "redis_url": env["TREX_REDIS_URL"],
                "catalog": env["TREX_CATALOG"], "database_url": env["TREX_DATABASE_URL"],
-               "ray_client_port": client_port}
+               "ray_client_port": client_port,
+               "ingress_ports": [int(ray_env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                                 int(ray_env.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))]}
     (home / "gateway.json").write_text(json.dumps(gateway))
     say(f"starting Ray on port {args.ray_port} (throughput-optimized, HAProxy ingress)")
     code, output, session = start_ray(ray_cmd, ray_env)
@@ -223,6 +229,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     for name in stop_saved(home):
         say(f"stopped {name}")
     (home / "pids.json").unlink(missing_ok=True)
+    ingress_ports.release(home)
     say("stopped Ray and the gateway")
     return 0
 
