@@ -13,7 +13,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
 from deployments.pool_view import PoolView
-from trex_serve import replica_state
+from trex_serve import replica_state, stage_probe
 from trex_serve.http_app import build_http_app
 from trex_serve.pipeline import Pipeline
 from trex_serve.relay import HttpRelay
@@ -30,6 +30,7 @@ http_app = build_http_app(replica_state.pipeline, replica_state.admin_app)
 class Ingress:
     async def __init__(self, args: dict, pools: dict[str, DeploymentHandle], router: DeploymentHandle) -> None:
         route_core_logs()
+        stage_probe.install_ingress()  # stage timers for scripts/bench_stages.py; off unless TREX_STAGE_PROBE
         self.pools = pools
         self.router = router
         self.planner = Planner()
