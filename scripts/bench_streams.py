@@ -45,7 +45,9 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str | None) -> tup
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    body = orjson.dumps({"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "s"}]})
+    # The mock answers with as many chunks as its reply has words (at most --chunks): a long prompt.
+    body = orjson.dumps({"model": "gpt-4o-mini", "stream": True,
+                         "messages": [{"role": "user", "content": "stream " * 40}]})
     t0 = time.perf_counter()
     ttfb = None
     try:
