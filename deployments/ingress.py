@@ -1,6 +1,7 @@
 """The Ingress deployment: the FastAPI app of trex_serve.web.http_app, wired to Ray. Each request makes
-one hop per attempt: Serve's router picks a ProviderPool replica, and the request is relayed over
-HTTP to that replica's own port (ARCHITECTURE.md)."""
+one hop per attempt: a ProviderPool replica is picked from the ingress's local view of the pool
+(pool_view.py, kept fresh from Serve's router), and the request is relayed over HTTP to that
+replica's own port (ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.logs import route_core_logs
+from deployments.pool_view import PoolView
 from trex_serve import replica_state
 from trex_serve.hop.relay import HttpRelay
+from trex_serve.observability import stage_probe
 from trex_serve.pipeline import Pipeline
 from trex_serve.routing.health import HealthPolicy
 from trex_serve.routing.resolve import Planner
@@ -29,30 +32,21 @@ http_app = build_http_app(replica_state.pipeline, replica_state.admin_app)
 class Ingress:
     async def __init__(self, args: dict, pools: dict[str, DeploymentHandle], router: DeploymentHandle) -> None:
         route_core_logs()
+        stage_probe.install_ingress()  # stage timers for scripts/bench_stages.py; off unless TREX_STAGE_PROBE
         self.pools = pools
         self.router = router
         self.runtime = await Runtime.create(args)
         self.planner = Planner(HealthPolicy(**self.runtime.catalog.health.model_dump()))
-        self.relay = HttpRelay(self._pick, args["pool_secret"])
+        # Pool replicas are chosen from a local view of them, not by asking Serve per request (pool_view.py).
+        self.pool_view = PoolView(pools)
+        self.pool_view.start()
+        self.relay = HttpRelay(self.pool_view.pick, args["pool_secret"], tracker=self.pool_view)
         pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate,
                             self.runtime.keyed(self.relay),
                             self.planner, self.runtime.record)
         self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())
         self._poller = asyncio.create_task(self._poll_routing_table(float(args.get("table_poll_s", 0.25))))
-
-    async def _pick(self, provider: str, exclude: set[tuple[str, int]]) -> tuple[str, int]:
-        handle = self.pools.get(provider)
-        if handle is None:
-            raise LookupError(f"no pool deployment for provider {provider!r}")
-        endpoint: tuple[str, int] | None = None
-        for _ in range(3):
-            async with handle.choose_replica(_reserve=False) as sel:
-                endpoint = (sel.replica_metadata.get("host") or sel.node_ip, int(sel.replica_metadata["port"]))
-            if endpoint not in exclude:
-                break
-        assert endpoint is not None
-        return endpoint
 
     async def _poll_routing_table(self, interval: float) -> None:
         """The Router answers at once when a circuit changed since the table this replica holds,

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
 from trex_serve.hop.pool_server import PoolServer
+from trex_serve.observability import stage_probe
 from trex_serve.routing.health import Outcome, OutcomeBatch
 
 log = logging.getLogger("trex.pool")
@@ -35,6 +36,7 @@ class ProviderPool:
     async def __init__(self, provider: str, catalog_path: str, secret: str, router: DeploymentHandle,
                        report_interval_s: float = 0.25, catalog_sha: str = "") -> None:
         route_core_logs()
+        stage_probe.install_pool()  # off unless TREX_STAGE_PROBE (scripts/bench_stages.py)
         catalog = load_catalog(catalog_path)
         spec = catalog.provider(provider)
         if spec is None:

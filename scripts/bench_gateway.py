@@ -1,9 +1,11 @@
 """Side-by-side throughput and latency, in one run on this machine, against one fast mock upstream:
 the upstream directly (the limit) and Trex Serve's full path (auth, admission, routing, one relay
 hop, settlement, log), non-streaming and streaming, at 1 and 32 connections; optionally the same
-gateway with every risk control enabled on the key, and LiteLLM's proxy when it is installed.
+gateway with every risk control enabled on the key, LiteLLM's proxy when it is installed, and
+Portkey's gateway (one Node process) when `--portkey-dir` names a folder holding it:
 
-    .venv/bin/python scripts/bench_gateway.py [--duration 10] [--risk] [--litellm]
+    .venv/bin/python scripts/bench_gateway.py [--duration 10] [--risk] [--litellm] \
+        [--portkey-dir /tmp/portkey]      # npm install @portkey-ai/gateway there first
 
 Needs `wrk` (Debian package `wrk`). Prints a table and the ratios; nothing here is a test.
 """
@@ -29,11 +31,14 @@ from trex_serve.local.embedded import free_port, port_open  # noqa: E402
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
 
 
-def wrk(url: str, connections: int, duration: int, body: dict, key: str | None) -> dict:
+def wrk(url: str, connections: int, duration: int, body: dict, key: str | None,
+        extra_headers: dict[str, str] | None = None) -> dict:
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     headers = 'wrk.headers["Content-Type"] = "application/json"\n'
     if key:
         headers += f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+    for name, value in (extra_headers or {}).items():
+        headers += f'wrk.headers["{name}"] = "{value}"\n'
     script.write(f'wrk.method = "POST"\nwrk.body = [[{json.dumps(body)}]]\n{headers}')
     script.close()
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name, url],
@@ -72,6 +77,10 @@ def main() -> int:
     ap.add_argument("--litellm", action="store_true", help="also run LiteLLM's proxy (pip install 'litellm[proxy]')")
     ap.add_argument("--litellm-bin", default=shutil.which("litellm") or "litellm",
                     help="the litellm executable (e.g. from a separate venv, its pins clash with ours)")
+    ap.add_argument("--portkey-dir", type=Path, default=None,
+                    help="a folder where `npm install @portkey-ai/gateway` was run: Portkey runs in the same run")
+    ap.add_argument("--gateway-only", action="store_true",
+                    help="only the rows the comparison needs (skip the plain key's rows when --risk is on)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
@@ -95,6 +104,7 @@ plans:
            "TREX_ADMIN_TOKEN": "bench", "TREX_INGRESS_REPLICAS": str(args.ingress_replicas)}
     cli = [sys.executable, "-m", "trex_serve.local.cli"]
     results: dict[str, dict] = {}
+    portkey = start_portkey(args.portkey_dir, mock_port) if args.portkey_dir else None
     try:
         up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
                             capture_output=True, text=True)
@@ -116,32 +126,79 @@ plans:
         for c in (1, 32):
             results[f"upstream direct, c={c}"] = wrk(f"http://127.0.0.1:{mock_port}/v1/chat/completions", c,
                                                      args.duration, BODY, None)
-            results[f"gateway non-stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration, BODY, key)
+            if not (args.gateway_only and risky):
+                results[f"gateway non-stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration,
+                                                            BODY, key)
             if not args.skip_stream:
                 results[f"gateway stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration,
                                                         stream_body, key)
             if risky:
                 results[f"gateway non-stream, all risk controls, c={c}"] = wrk(
                     f"{base}/v1/chat/completions", c, args.duration, BODY, risky)
+            if portkey:
+                results[f"portkey gateway, c={c}"] = wrk(portkey[1], c, args.duration, BODY, "sk-x", portkey[2])
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True)
         mock.kill()
+        if portkey:
+            portkey[0].kill()
+            portkey[0].wait()
     if args.litellm:
         results.update(run_litellm(args.litellm_bin, mock_port, args.duration))
     print(f"\n{'path':52} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in results.items():
         print(f"{name:52} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['non2xx']:8d} {r['socket_errors']}")
     for c in (1, 32):
-        direct, gw = results[f"upstream direct, c={c}"], results[f"gateway non-stream, c={c}"]
+        direct = results[f"upstream direct, c={c}"]
+        plain = results.get(f"gateway non-stream, c={c}")
+        risk = results.get(f"gateway non-stream, all risk controls, c={c}")
+        gw = risk or plain
+        assert gw is not None
         print(f"c={c}: gateway/upstream throughput {gw['rps'] / max(direct['rps'], 1):.3f}, "
               f"added p50 {gw['p50'] - direct['p50']:.2f} ms")
-        if f"gateway non-stream, all risk controls, c={c}" in results:
-            risk = results[f"gateway non-stream, all risk controls, c={c}"]
-            print(f"c={c}: risk controls cost {100 * (1 - risk['rps'] / max(gw['rps'], 1)):.1f}% of throughput")
+        if risk and plain:
+            print(f"c={c}: risk controls cost {100 * (1 - risk['rps'] / max(plain['rps'], 1)):.1f}% of throughput")
         if f"litellm proxy, c={c}" in results:
             litellm = results[f"litellm proxy, c={c}"]
             print(f"c={c}: gateway/LiteLLM throughput {gw['rps'] / max(litellm['rps'], 1):.2f}")
+    portkey = {c: results.get(f"portkey gateway, c={c}") for c in (1, 32)}
+    if portkey[1] and portkey[32]:
+        which = "all risk controls" if args.risk else "plain key"
+        gw32 = results.get("gateway non-stream, all risk controls, c=32") or results["gateway non-stream, c=32"]
+        gw1 = results.get("gateway non-stream, all risk controls, c=1") or results["gateway non-stream, c=1"]
+        print(f"Trex ({which}) / Portkey: req/s at 32 connections {gw32['rps'] / max(portkey[32]['rps'], 1):.2f}x "
+              f"(target >= 1.0), p50 at 1 connection {gw1['p50'] / portkey[1]['p50']:.2f}x (target <= 1.5)")
     return 0
+
+
+def start_portkey(folder: Path, mock_port: int) -> tuple[subprocess.Popen, str, dict[str, str]] | None:
+    """Portkey's gateway against the same upstream (it forwards to `x-portkey-custom-host`), or None
+    with a note when it is not installed in ``folder``."""
+    server = folder / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+    node = shutil.which("node")
+    if not server.exists() or not node:
+        print(f"Portkey's gateway is not installed in {folder} (npm install @portkey-ai/gateway): skipped")
+        return None
+    port = free_port()
+    proc = subprocess.Popen([node, str(server), f"--port={port}", "--headless"], cwd=folder,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{mock_port}/v1"}
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    deadline = time.time() + 60
+    while not port_open("127.0.0.1", port) and time.time() < deadline:
+        time.sleep(0.2)
+    status, text = 0, "did not start"
+    for _ in range(50):
+        try:
+            r = httpx.post(url, json=BODY, headers={**headers, "Authorization": "Bearer sk-x"}, timeout=30)
+            status, text = r.status_code, r.text
+        except httpx.HTTPError as exc:
+            status, text = 0, str(exc)
+    if status != 200:
+        proc.kill()
+        print(f"Portkey's gateway answered {status}: {text[:200]}: skipped")
+        return None
+    return proc, url, headers
 
 
 def run_litellm(binary: str, mock_port: int, duration: int) -> dict[str, dict]:

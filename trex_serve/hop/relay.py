@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -35,13 +36,41 @@ def invalid_key_response() -> hop.HopResponse:
 EndpointPicker = Callable[[str, set[tuple[str, int]]], Awaitable[tuple[str, int]]]
 
 
+class EndpointTracker(Protocol):
+    """Told of each request's life on an endpoint, for a picker that balances on its own counts."""
+
+    def started(self, endpoint: tuple[str, int]) -> None: ...
+
+    def finished(self, endpoint: tuple[str, int]) -> None: ...
+
+    def unreachable(self, endpoint: tuple[str, int]) -> None: ...
+
+
+def _then(close: Callable[[], Awaitable[None]], tracker: EndpointTracker,
+          endpoint: tuple[str, int]) -> Callable[[], Awaitable[None]]:
+    """A stream's close that also tells the tracker, once, that its request has ended."""
+    done = False
+
+    async def wrapped() -> None:
+        nonlocal done
+        try:
+            await close()
+        finally:
+            if not done:
+                done = True
+                tracker.finished(endpoint)
+
+    return wrapped
+
+
 class HttpRelay:
     """A ProviderCaller. ``pick(provider, exclude)`` names a live pool replica (Serve's router in
     a deployment, a fixed address in tests); an unreachable replica is skipped, not failed."""
 
     def __init__(self, pick: EndpointPicker, secret: str, max_connections: int = 2048,
-                 replica_tries: int = 5) -> None:
+                 replica_tries: int = 5, tracker: EndpointTracker | None = None) -> None:
         self.pick = pick
+        self.tracker = tracker
         self.secret = secret
         self.replica_tries = replica_tries
         self._max_connections = max_connections
@@ -89,15 +118,37 @@ class HttpRelay:
             except Exception as exc:  # the pool deployment itself is unavailable (restarting, gone)
                 last = exc
                 continue
-            tried.add((host, port))
+            endpoint = (host, port)
+            tried.add(endpoint)
+            tracker = self.tracker
+            if tracker is not None:
+                tracker.started(endpoint)
             try:
                 resp = await self._client().post(f"http://{host}:{port}/relay", data=req.body,
                                                  headers=headers)
             except (aiohttp.ClientError, ConnectionError) as exc:
                 # The replica died or went away before answering: another replica may serve it.
                 last = exc
+                if tracker is not None:
+                    tracker.finished(endpoint)
+                    tracker.unreachable(endpoint)
                 continue
-            return await self._wrap(resp, req.stream)
+            except BaseException:
+                if tracker is not None:
+                    tracker.finished(endpoint)
+                raise
+            if tracker is None:
+                return await self._wrap(resp, req.stream)
+            try:
+                out = await self._wrap(resp, req.stream)
+            except BaseException:
+                tracker.finished(endpoint)
+                raise
+            if out.close is None:
+                tracker.finished(endpoint)
+            else:
+                out.close = _then(out.close, tracker, endpoint)
+            return out
         raise hop.ReplicaUnreachable(f"no reachable replica for pool {req.provider}: {last}")
 
     async def _wrap(self, resp: aiohttp.ClientResponse, stream: bool) -> hop.HopResponse:
