@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -128,3 +129,18 @@ plans:
 {extra}
 """)
     return path
+
+
+_RUNNING = """
+import json, sys, ray
+from ray import serve
+ray.init(address="127.0.0.1:" + sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deps = serve.status().applications["trex"].deployments
+print(json.dumps({name: d.replica_states.get("RUNNING", 0) for name, d in deps.items()}))
+"""
+
+
+def running_replicas(ray_port: str) -> dict[str, int]:
+    """Running replicas per deployment of the gateway on this Ray port, asked from a separate driver."""
+    out = subprocess.run([sys.executable, "-c", _RUNNING, ray_port], capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1])

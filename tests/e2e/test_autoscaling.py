@@ -13,24 +13,10 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import MockProcess, running_replicas, write_catalog
 from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
-
-STATUS = """
-import json, sys, ray
-from ray import serve
-ray.init(address="127.0.0.1:" + sys.argv[1], logging_level="ERROR", log_to_driver=False)
-deps = serve.status().applications["trex"].deployments
-print(json.dumps({name: d.replica_states.get("RUNNING", 0) for name, d in deps.items()}))
-"""
-
-
-def running(ray_port: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", STATUS, ray_port], capture_output=True, text=True, timeout=60)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
 
 def test_pool_scales_up_under_load_and_back_down(tmp_path):
     mocks = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
@@ -52,7 +38,7 @@ def test_pool_scales_up_under_load_and_back_down(tmp_path):
         admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": "Bearer op"}, timeout=30)
         acc = admin.post("/accounts", json={"name": "scale", "plan": "free"}).json()
         key = admin.post(f"/accounts/{acc['id']}/keys", json={}).json()["key"]
-        assert running(ray_port)["pool-alpha"] == 1
+        assert running_replicas(ray_port)["pool-alpha"] == 1
         mocks["alpha"].control(latency_ms=300)
         stop = threading.Event()
         statuses: list[int] = []
@@ -70,7 +56,7 @@ def test_pool_scales_up_under_load_and_back_down(tmp_path):
         peak, deadline = 1, time.time() + 60
         while time.time() < deadline and peak < 2:
             time.sleep(2)
-            peak = max(peak, running(ray_port)["pool-alpha"])
+            peak = max(peak, running_replicas(ray_port)["pool-alpha"])
         stop.set()
         for t in threads:
             t.join()
@@ -79,7 +65,7 @@ def test_pool_scales_up_under_load_and_back_down(tmp_path):
         low, deadline = peak, time.time() + 90
         while time.time() < deadline and low > 1:
             time.sleep(3)
-            low = running(ray_port)["pool-alpha"]
+            low = running_replicas(ray_port)["pool-alpha"]
         assert low == 1, "the pool did not scale back down when the load stopped"
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import MockProcess, running_replicas, write_catalog
 from trex_serve.local.embedded import free_port
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +48,8 @@ def gateway(tmp_path_factory):
     account = admin.post("/accounts", json={"name": "e2e", "plan": "free"}).json()
     key = admin.post(f"/accounts/{account['id']}/keys", json={"name": "main"}).json()
     admin.post(f"/accounts/{account['id']}/credits", json={"amount": 5, "reason": "e2e"})
-    yield {"base": base, "admin": admin, "account": account, "key": key["key"], "mocks": mocks, "env": env}
+    yield {"base": base, "admin": admin, "account": account, "key": key["key"], "mocks": mocks, "env": env,
+           "ray_port": ray_port}
     subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
     for m in mocks.values():
         m.stop()
@@ -352,8 +353,10 @@ smart_auto: [gpt-4o-mini]"""))
     for t in threads:
         t.start()
     time.sleep(1.0)
-    done = subprocess.run([sys.executable, "-m", "trex_serve.local.cli", "redeploy"], env=env, capture_output=True,
-                          text=True, timeout=240)
+    # As an operator would run it: without repeating the replica count `up` was started with.
+    redeploy_env = {k: v for k, v in env.items() if k != "TREX_INGRESS_REPLICAS"}
+    done = subprocess.run([sys.executable, "-m", "trex_serve.local.cli", "redeploy"], env=redeploy_env,
+                          capture_output=True, text=True, timeout=240)
     time.sleep(2.0)
     stop.set()
     for t in threads:
@@ -364,6 +367,7 @@ smart_auto: [gpt-4o-mini]"""))
     ids = [m["id"] for m in httpx.get(f"{gateway['base']}/v1/models", timeout=10,
                                       headers={"Authorization": f"Bearer {gateway['key']}"}).json()["data"]]
     assert "added-later" in ids
+    assert running_replicas(gateway["ray_port"])["Ingress"] == 2  # the count `up` was given survives
     # Old and new ingress replicas listen only in this gateway's own block: a port one of them left is
     # never taken by another gateway on the machine while a stale proxy worker still sends there.
     first, last = json.loads((Path(env["TREX_HOME"]) / "gateway.json").read_text())["ingress_ports"]
@@ -499,3 +503,4 @@ def test_daily_quota_exhaustion_429_with_reset(gateway):
     assert err.value.body["code"] == "insufficient_quota"
     assert 1 <= int(err.value.response.headers["retry-after"]) <= 86400
     assert admin.get(f"/accounts/{acc['id']}/usage").json()["quota"]["requests_left"] == 0
+

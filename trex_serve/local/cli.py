@@ -141,6 +141,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     gateway = {"http_port": serve_port, "ray_port": args.ray_port, "redis_url": env["TREX_REDIS_URL"],
                "catalog": env["TREX_CATALOG"], "database_url": env["TREX_DATABASE_URL"],
                "ray_client_port": client_port,
+               # A redeploy keeps the replica count `up` was given unless told another one.
+               "ingress_replicas": env.get("TREX_INGRESS_REPLICAS"),
                "ingress_ports": [int(ray_env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
                                  int(ray_env.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))]}
     (home / "gateway.json").write_text(json.dumps(gateway))
@@ -246,6 +248,8 @@ def cmd_redeploy(args: argparse.Namespace) -> int:
     env.setdefault("TREX_CATALOG", saved["catalog"])
     env.setdefault("TREX_REDIS_URL", saved["redis_url"])
     env.setdefault("TREX_DATABASE_URL", saved["database_url"])
+    if saved.get("ingress_replicas"):
+        env.setdefault("TREX_INGRESS_REPLICAS", str(saved["ingress_replicas"]))
     for var, name in (("TREX_ADMIN_TOKEN", "admin_token"), ("TREX_SECRET_KEY", "secret_key")):
         if not env.get(var):
             # Never invent a new one here: a different secret key would make stored bindings unreadable.
