@@ -67,6 +67,24 @@ def start_mock(port: int) -> subprocess.Popen:
     return proc
 
 
+def write_bench_catalog(home: Path, mock_port: int, timeout_s: int, pool_replicas: int = 1) -> Path:
+    """One provider on the mock, one model, a plan no benchmark can exhaust (shared by the bench scripts)."""
+    catalog = home / "catalog.yaml"
+    catalog.write_text(f"""
+providers:
+  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: {timeout_s},
+     pool: {{min_replicas: {pool_replicas}, max_replicas: {pool_replicas}}}}}
+models:
+  - id: gpt-4o-mini
+    candidates: [{{provider: bench, model: gpt-4o-mini}}]
+smart_auto: [gpt-4o-mini]
+plans:
+  - {{name: bench, rpm: 100000000, tpm: 10000000000, concurrency: 100000, burst_concurrency: 100000,
+     daily_quota: {{}}, premium: true}}
+""")
+    return catalog
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -87,19 +105,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="trex-bench-"))
     mock_port, http_port = free_port(), free_port()
     mock = start_mock(mock_port)
-    catalog = home / "catalog.yaml"
-    catalog.write_text(f"""
-providers:
-  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: 30,
-     pool: {{min_replicas: {args.pool_replicas}, max_replicas: {args.pool_replicas}}}}}
-models:
-  - id: gpt-4o-mini
-    candidates: [{{provider: bench, model: gpt-4o-mini}}]
-smart_auto: [gpt-4o-mini]
-plans:
-  - {{name: bench, rpm: 100000000, tpm: 10000000000, concurrency: 100000, burst_concurrency: 100000,
-     daily_quota: {{}}, premium: true}}
-""")
+    catalog = write_bench_catalog(home, mock_port, timeout_s=30, pool_replicas=args.pool_replicas)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
            "TREX_ADMIN_TOKEN": "bench", "TREX_INGRESS_REPLICAS": str(args.ingress_replicas)}
     cli = [sys.executable, "-m", "trex_serve.local.cli"]

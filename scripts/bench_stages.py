@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.bench_gateway import BODY, start_mock, wrk  # noqa: E402
+from scripts.bench_gateway import BODY, start_mock, write_bench_catalog, wrk  # noqa: E402
 from trex_serve.local.embedded import free_port  # noqa: E402
 
 RISK = {"allowed_ips": ["127.0.0.0/8", "::1/128"], "daily_spend_cap": 1e6, "monthly_spend_cap": 1e7,
@@ -54,18 +54,7 @@ def main() -> int:
     probe = home / "stages"
     mock_port, http_port, serve_port = free_port(), free_port(), free_port()
     mock = start_mock(mock_port)
-    catalog = home / "catalog.yaml"
-    catalog.write_text(f"""
-providers:
-  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: 30,
-     pool: {{min_replicas: 1, max_replicas: 1}}}}
-models:
-  - id: gpt-4o-mini
-    candidates: [{{provider: bench, model: gpt-4o-mini}}]
-plans:
-  - {{name: bench, rpm: 100000000, tpm: 10000000000, concurrency: 100000, burst_concurrency: 100000,
-     daily_quota: {{}}, premium: true}}
-""")
+    catalog = write_bench_catalog(home, mock_port, timeout_s=30)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
            "TREX_ADMIN_TOKEN": "bench", "TREX_STAGE_PROBE": str(probe)}
     cli = [sys.executable, "-m", "trex_serve.local.cli"]

@@ -25,7 +25,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.bench_gateway import start_mock  # noqa: E402
+from scripts.bench_gateway import start_mock, write_bench_catalog  # noqa: E402
 from trex_serve.local.embedded import free_port  # noqa: E402
 
 OPEN = {"now": 0, "peak": 0}
@@ -88,18 +88,7 @@ def main() -> int:
     mock = start_mock(mock_port)
     httpx.post(f"http://127.0.0.1:{mock_port}/_control", json={"token_interval_ms": 1000,
                                                                   "stream_chunks": args.chunks})
-    catalog = home / "catalog.yaml"
-    catalog.write_text(f"""
-providers:
-  - {{name: bench, base_url: "http://127.0.0.1:{mock_port}/v1", format: openai, auth: none, timeout_s: 60,
-     pool: {{min_replicas: 1, max_replicas: 1}}}}
-models:
-  - id: gpt-4o-mini
-    candidates: [{{provider: bench, model: gpt-4o-mini}}]
-plans:
-  - {{name: bench, rpm: 100000000, tpm: 10000000000, concurrency: 100000, burst_concurrency: 100000,
-     daily_quota: {{}}, premium: true}}
-""")
+    catalog = write_bench_catalog(home, mock_port, timeout_s=60)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),
            "TREX_ADMIN_TOKEN": "bench"}
     cli = [sys.executable, "-m", "trex_serve.local.cli"]

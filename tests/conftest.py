@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import MockProcess
 from trex_serve.local.embedded import free_port, start_redis
 
 
@@ -51,3 +52,12 @@ def postgres_url() -> Iterator[str]:
 def key_prefix() -> str:
     """A unique Redis key namespace so tests sharing one server never see each other's counters."""
     return f"t{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture(scope="module")
+def mocks():
+    """Two mock upstreams (real HTTP server processes), alpha and beta, shared by a test module."""
+    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
+    yield procs
+    for p in procs.values():
+        p.stop()

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
 from trex_serve.local.standalone import standalone_gateway
 from trex_serve.settings import Settings
@@ -23,14 +23,6 @@ PLAN = """
     daily_quota: {requests: 2, tokens: 100000}
     premium: false
 """
-
-
-@pytest.fixture(scope="module")
-def mocks():
-    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    yield procs
-    for p in procs.values():
-        p.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,23 +7,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from tests.fakes import data_path_client
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
 from trex_serve.routing.health import HealthPolicy
 
 COOLDOWN_S = 60.0
 POLICY = HealthPolicy(cooldown_s=COOLDOWN_S, panic_probe_interval_s=0.5)
-
-
-@pytest.fixture(scope="module")
-def mocks():
-    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    yield procs
-    for p in procs.values():
-        p.stop()
 
 
 async def steady(gw, seconds: float, every: float = 0.1) -> list[tuple[float, int]]:

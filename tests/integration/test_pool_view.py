@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from deployments.pool_view import PoolView, running_endpoints
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
 from trex_serve.hop import protocol as hop
 from trex_serve.hop.pool_server import PoolServer
@@ -17,14 +17,6 @@ from trex_serve.hop.relay import HttpRelay
 from trex_serve.local.embedded import free_port
 
 SECRET = "view-secret"
-
-
-@pytest.fixture(scope="module")
-def mocks():
-    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    yield procs
-    for p in procs.values():
-        p.stop()
 
 
 @pytest.fixture

@@ -9,16 +9,8 @@ import orjson
 import pytest
 
 from tests.fakes import data_path_client
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
-
-
-@pytest.fixture(scope="module")
-def mocks():
-    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    yield procs
-    for p in procs.values():
-        p.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.fakes import data_path_client
-from tests.helpers import MockProcess, write_catalog
+from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
 from trex_serve.observability import tracing
 
@@ -19,14 +19,6 @@ CLIENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 PROMPT = "the secret recipe is 42 cloves"
 UPSTREAM_KEY = "sk-caller-own-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def mocks():
-    procs = {"alpha": MockProcess("alpha"), "beta": MockProcess("beta")}
-    yield procs
-    for p in procs.values():
-        p.stop()
 
 
 @pytest.fixture
