@@ -3,7 +3,6 @@ answer. The Ray ingress deployment wraps this same app."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,57 +14,44 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.admission.client_ip import client_address
 from trex_serve.answers import Answer
-from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
-from trex_serve.hop.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
-from trex_serve.pipeline import Pipeline, new_request_id
+from trex_serve.errors import InvalidRequest, TrexError
+from trex_serve.pipeline import Pipeline
 from trex_serve.settings import Settings
 from trex_serve.web import openapi
 from trex_serve.web.front_id import front_secret, trusted_request_id
+from trex_serve.web.wire import (
+    as_trex_error,
+    check_declared_length,
+    refusal,
+    stream_headers,
+    too_large,
+    upstream_key,
+)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-        except ValueError:
-            raise InvalidRequest("Invalid Content-Length header.") from None
+    check_declared_length(request.headers.get("content-length"), limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise RequestTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def upstream_key(request: Request) -> str | None:
-    """The caller's own provider key, checked before admission so a malformed one costs nothing."""
-    value = request.headers.get("x-upstream-api-key")
-    if value and not valid_upstream_key(value):
-        raise InvalidRequest(f"X-Upstream-Api-Key must be printable ASCII without spaces and at most "
-                             f"{MAX_UPSTREAM_KEY_CHARS} characters.", param="X-Upstream-Api-Key")
-    return value
-
-
 def render(answer: Answer) -> Response:
     if answer.stream is not None:
-        headers = dict(answer.headers)
-        headers["Cache-Control"] = "no-cache"
-        headers["X-Accel-Buffering"] = "no"
-        return StreamingResponse(answer.stream, status_code=answer.status, headers=headers,
+        return StreamingResponse(answer.stream, status_code=answer.status, headers=stream_headers(answer),
                                  media_type=answer.media_type)
     return Response(answer.body, status_code=answer.status, headers=answer.headers,
                     media_type=answer.media_type)
 
 
 def error_response(exc: TrexError, request_id: str | None = None) -> Response:
-    rid = request_id or new_request_id()
-    # Refused before the pipeline ran: no upstream was tried.
-    headers = {"X-Trex-Request-Id": rid, "X-Trex-Attempts": "0", **exc.response_headers()}
-    return Response(exc.body(rid), status_code=exc.status, headers=headers, media_type="application/json")
+    status, headers, body = refusal(exc, request_id)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,14 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
-        # Never a bare 500 or a stack trace on the wire; the log has the details.
-        from sqlalchemy.exc import InterfaceError, OperationalError
-
-        if isinstance(exc, OperationalError | InterfaceError):
-            return error_response(ServiceUnavailable("The store is unavailable; try again shortly.",
-                                                     code="store_unavailable", retry_after=1))
-        logging.getLogger("trex.http").exception("unhandled error")
-        return error_response(TrexError("The gateway hit an internal error.", status=500))
+        return error_response(as_trex_error(exc))
 
 
 CONTROL_PREFIXES = ("/admin/", "/metrics", "/dashboard", "/v1/dashboard/")
@@ -170,7 +149,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.chat(body, request.headers.get("authorization"), ip(request, pipeline.settings),
-                                     upstream_key(request), front_id(request, pipeline.settings),
+                                     upstream_key(request.headers), front_id(request, pipeline.settings),
                                      trace_carrier=request.headers)
         return render(answer)
 
@@ -179,7 +158,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         answer = await pipeline.responses(body, request.headers.get("authorization"),
-                                          ip(request, pipeline.settings), upstream_key(request),
+                                          ip(request, pipeline.settings), upstream_key(request.headers),
                                           front_id(request, pipeline.settings), trace_carrier=request.headers)
         return render(answer)
 
