@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from trex_serve.local.embedded import free_port, port_open
-from trex_serve.local.processes import front_proxy_config, haproxy_binary
+from trex_serve.local.front_proxy import front_proxy_config, haproxy_binary
 from trex_serve.web.front_id import AUTH_HEADER, ID_HEADER, trusted_request_id
 
 SECRET = "f" * 64

@@ -16,14 +16,12 @@ from pathlib import Path
 
 from trex_serve.local import ingress_ports
 from trex_serve.local.embedded import free_port, port_open, start_redis
+from trex_serve.local.front_proxy import front_proxy_config, haproxy_binary, start_front_proxy
 from trex_serve.local.processes import (
-    front_proxy_config,
-    haproxy_binary,
     persisted_secret,
     ray_temp_dir,
     save_pid,
     say,
-    start_front_proxy,
     start_mocks,
     start_ray,
     stop_ray,

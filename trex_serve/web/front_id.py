@@ -1,6 +1,6 @@
 """The request id the front proxy assigns, and the proof that it came from the front proxy.
 
-`trex-serve up` runs a small HAProxy of our own in front of Serve's (local_processes.py). It names
+`trex-serve up` runs a small HAProxy of our own in front of Serve's (local/front_proxy.py). It names
 every request (``X-Trex-Front-Id``) and signs the hop with a secret derived from TREX_SECRET_KEY
 (``X-Trex-Front-Auth``). When the ingress replica serving a request dies before a byte of the
 answer left it, Serve's HAProxy replays the request on another replica with the same headers, and
