@@ -1,13 +1,16 @@
 """The Ingress deployment: the FastAPI app of trex_serve.web.http_app, wired to Ray. Each request makes
 one hop per attempt: a ProviderPool replica is picked from the ingress's local view of the pool
 (pool_view.py, kept fresh from Serve's router), and the request is relayed over HTTP to that
-replica's own port (ARCHITECTURE.md)."""
+replica's own port (ARCHITECTURE.md). The hot routes also arrive on a port of the replica's own,
+straight from the front proxy (web/data_server.py), skipping Serve's proxy and FastAPI."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -20,9 +23,14 @@ from trex_serve.pipeline import Pipeline
 from trex_serve.routing.health import HealthPolicy
 from trex_serve.routing.resolve import Planner
 from trex_serve.runtime import Runtime
+from trex_serve.web.data_endpoints import Announcer
+from trex_serve.web.data_server import DataServer
+from trex_serve.web.front_id import front_secret
 from trex_serve.web.http_app import build_http_app
 
 log = logging.getLogger("trex.ingress")
+# A withdrawn data server keeps answering this long: the front's sync loop polls every 0.25 s.
+DATA_SERVER_LINGER_S = 1.5
 
 http_app = build_http_app(replica_state.pipeline, replica_state.admin_app)
 
@@ -47,6 +55,33 @@ class Ingress:
         self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())
         self._poller = asyncio.create_task(self._poll_routing_table(float(args.get("table_poll_s", 0.25))))
+        self.data_server, self.announcer = await self._start_data_server()
+
+    async def _start_data_server(self) -> tuple[DataServer | None, Announcer | None]:
+        """The hot routes' direct server (web/data_server.py), for the front proxy only: without the
+        front's secret nothing could call it."""
+        if not front_secret(self.runtime.settings.secret_key) or os.environ.get("TREX_DATA_SERVER", "1") == "0":
+            return None, None
+        server = DataServer(replica_state.pipeline)
+        host = ray.util.get_node_ip_address()
+        port = await server.start(host)
+        counters = self.runtime.counters
+        announcer = Announcer(counters.client, f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                              counters.prefix)
+        await announcer.announce()
+        announcer.start()
+        log.info("data server on %s:%d", host, port)
+        return server, announcer
+
+    async def __del__(self) -> None:
+        """Serve is stopping this replica (a redeploy, a scale-down): the front proxy stops sending to
+        its data server first, then the requests on it finish, then it closes."""
+        if self.announcer is not None:
+            await self.announcer.withdraw()
+        if self.data_server is not None:
+            await asyncio.sleep(DATA_SERVER_LINGER_S)  # the front's sync loop and HAProxy catch up
+            await self.data_server.drain(timeout=40)
+            await self.data_server.stop()
 
     async def _poll_routing_table(self, interval: float) -> None:
         """The Router answers at once when a circuit changed since the table this replica holds,

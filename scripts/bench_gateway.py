@@ -13,6 +13,7 @@ Needs `wrk` (Debian package `wrk`). Prints a table and the ratios; nothing here 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -97,6 +99,9 @@ def main() -> int:
                     help="the litellm executable (e.g. from a separate venv, its pins clash with ours)")
     ap.add_argument("--portkey-dir", type=Path, default=None,
                     help="a folder where `npm install @portkey-ai/gateway` was run: Portkey runs in the same run")
+    ap.add_argument("--serve-path", action="store_true",
+                    help="also measure the gateway's hot route through Serve's port (the path before the "
+                         "direct data servers: they are put in maintenance for that row)")
     ap.add_argument("--gateway-only", action="store_true",
                     help="only the rows the comparison needs (skip the plain key's rows when --risk is on)")
     args = ap.parse_args()
@@ -141,6 +146,10 @@ def main() -> int:
             if risky:
                 results[f"gateway non-stream, all risk controls, c={c}"] = wrk(
                     f"{base}/v1/chat/completions", c, args.duration, BODY, risky)
+            if args.serve_path:
+                with data_servers_paused(home):
+                    results[f"gateway via Serve's port, {'all risk controls' if risky else 'plain key'}, c={c}"] = wrk(
+                        f"{base}/v1/chat/completions", c, args.duration, BODY, risky or key)
             if portkey:
                 results[f"portkey gateway, c={c}"] = wrk(portkey[1], c, args.duration, BODY, "sk-x", portkey[2])
     finally:
@@ -175,6 +184,24 @@ def main() -> int:
         print(f"Trex ({which}) / Portkey: req/s at 32 connections {gw32['rps'] / max(portkey[32]['rps'], 1):.2f}x "
               f"(target >= 1.0), p50 at 1 connection {gw1['p50'] / portkey[1]['p50']:.2f}x (target <= 1.5)")
     return 0
+
+
+@contextlib.contextmanager
+def data_servers_paused(home: Path) -> Iterator[None]:
+    """The front proxy's direct data servers in maintenance for a while: the hot route then takes
+    the backup, Serve's port (front_sync changes slots only when the live set changes)."""
+    from trex_serve.local.front_proxy import admin_socket_path
+    from trex_serve.local.front_sync import admin
+
+    sock = admin_socket_path(home)
+    rows = [line.split(",") for line in admin(sock, "show stat").splitlines() if line.startswith("data,d")]
+    names = [row[1] for row in rows if row[17] == "UP"]
+    admin(sock, ";".join(f"set server data/{n} state maint" for n in names))
+    try:
+        yield
+    finally:
+        admin(sock, ";".join(f"set server data/{n} state ready" for n in names))
+        time.sleep(2)  # health checks bring them back
 
 
 def start_portkey(folder: Path, mock_port: int) -> tuple[subprocess.Popen, str, dict[str, str]] | None:

@@ -15,6 +15,8 @@ from trex_serve.pipeline import Pipeline
 from trex_serve.routing.health import HealthPolicy, HealthTracker
 from trex_serve.routing.resolve import Planner, Resolution, RoutingTable
 from trex_serve.settings import Settings
+from trex_serve.web.data_server import DataServer
+from trex_serve.web.front_id import AUTH_HEADER, front_secret
 from trex_serve.web.http_app import build_http_app
 
 
@@ -46,10 +48,12 @@ class CountingGate:
 
 
 @asynccontextmanager
-async def data_path_client(catalog, policy: HealthPolicy | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    """The data path alone, in process: HTTP app → pipeline → relay hop (real HTTP) → pool server,
-    with this open gate and a health tracker fed by the pool's outcome reports. The client carries
-    ``.gate`` and ``.tracker`` for assertions."""
+async def data_path_client(catalog, policy: HealthPolicy | None = None,
+                           front: str = "fastapi") -> AsyncIterator[httpx.AsyncClient]:
+    """The data path alone, in process: HTTP front end → pipeline → relay hop (real HTTP) → pool
+    server, with this open gate and a health tracker fed by the pool's outcome reports. ``front``
+    is the FastAPI app (``"fastapi"``, through ASGI) or the direct data server (``"direct"``, over
+    real HTTP, called as the front proxy calls it). The client carries ``.gate`` and ``.tracker``."""
     tracker = HealthTracker(policy)
     planner = Planner(policy)
     version = 0
@@ -68,17 +72,27 @@ async def data_path_client(catalog, policy: HealthPolicy | None = None) -> Async
 
     relay = HttpRelay(pick, "s3cret")
     gate = CountingGate(catalog)
-    pipeline = Pipeline(catalog, Settings(max_body_bytes=64 * 1024), gate, relay, planner)
+    pipeline = Pipeline(catalog, Settings(max_body_bytes=64 * 1024, secret_key="test-secret-key"), gate, relay,
+                        planner)
 
     async def ref():
         return pipeline
 
+    data_server = DataServer(ref) if front == "direct" else None
     try:
-        transport = httpx.ASGITransport(app=build_http_app(ref))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        if data_server is not None:
+            data_port = await data_server.start("127.0.0.1")
+            client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{data_port}",
+                                       headers={AUTH_HEADER: front_secret("test-secret-key"),
+                                                "X-Forwarded-For": "203.0.113.7"})
+        else:
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_http_app(ref)), base_url="http://gw")
+        async with client:
             client.gate = gate
             client.tracker = tracker
             yield client
     finally:
         await relay.close()
         await pool.stop()
+        if data_server is not None:
+            await data_server.stop()

@@ -267,6 +267,35 @@ def test_client_address_comes_from_the_front_proxy_not_the_client(gateway):
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "ip_not_allowed"
 
 
+def test_hot_routes_skip_serves_proxy_for_each_ingress_replicas_data_server(gateway, client):
+    """The front proxy sends chat, responses and models straight to the ingress replicas' own data
+    servers (web/data_server.py), one per replica, all up; the control surface stays on Serve."""
+    from trex_serve.local.front_proxy import admin_socket_path
+    from trex_serve.local.front_sync import admin
+
+    def up_servers() -> dict[str, int]:
+        """Each data server that is UP, with the requests it has taken (HAProxy's stot column)."""
+        state = admin(admin_socket_path(Path(gateway["env"]["TREX_HOME"])), "show stat")
+        rows = [line.split(",") for line in state.splitlines() if line.startswith("data,d")]
+        return {row[1]: int(row[7]) for row in rows if row[17] == "UP"}
+
+    deadline = time.monotonic() + 30
+    while len(up_servers()) < 2:
+        assert time.monotonic() < deadline, up_servers()
+        time.sleep(0.5)
+    before = up_servers()
+    with httpx.Client(base_url=gateway["base"], timeout=30) as http:
+        hot = http.get("/v1/models", headers={"Authorization": f"Bearer {gateway['key']}"})
+        control = gateway["admin"].get("/accounts")
+    assert hot.status_code == 200 and "aiohttp" in hot.headers.get("server", "")
+    assert control.status_code == 200 and "aiohttp" not in control.headers.get("server", "")
+    for _ in range(6):
+        done = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+        assert done.choices[0].message.content
+    after = up_servers()
+    assert all(after[name] > before[name] for name in before), (before, after)
+
+
 def test_spend_cap_exact_across_two_ingress_replicas(gateway):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -64,12 +64,13 @@ def mocks():
         p.stop()
 
 
-@pytest.fixture
-async def gateway(mocks, tmp_path):
+@pytest.fixture(params=["fastapi", "direct"])
+async def gateway(mocks, tmp_path, request):
+    """Through the FastAPI app and through the direct data server (web/data_server.py)."""
     for m in mocks.values():
         m.reset()
     catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks["claude"], mocks["alpha"]))
-    async with data_path_client(catalog) as client:
+    async with data_path_client(catalog, front=request.param) as client:
         yield client
 
 

@@ -1,4 +1,4 @@
-"""The data path without Ray: FastAPI app → pipeline → relay hop (real HTTP) → pool server →
+"""The data path without Ray: FastAPI app or direct data server → pipeline → relay hop (real HTTP) → pool server →
 mock upstream processes. Routing, fallback, streaming and error envelopes."""
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
 
 
-@pytest.fixture
-async def gateway(mocks, tmp_path):
+@pytest.fixture(params=["fastapi", "direct"])
+async def gateway(mocks, tmp_path, request):
+    """Every test twice: through the FastAPI app Serve runs, and through the direct data server the
+    front proxy calls (web/data_server.py); both must answer alike."""
     for m in mocks.values():
         m.reset()
-    async with data_path_client(load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks))) as client:
+    catalog = load_catalog(write_catalog(tmp_path / "catalog.yaml", mocks))
+    async with data_path_client(catalog, front=request.param) as client:
         yield client
 
 

