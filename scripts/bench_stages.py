@@ -1,7 +1,8 @@
 """The latency budget of one request at one connection: a gateway started like `trex-serve up`
 (every risk control on the key, logs and metrics on) with the stage timers of
-trex_serve/observability/stage_probe.py switched on, wrk -c1 at each entry point (the front proxy, Serve's
-HAProxy, the ingress replica's own port, the upstream), then each stage's p50 as the replicas saw it.
+trex_serve/observability/stage_probe.py switched on, wrk -c1 at each entry point (the front proxy, an
+ingress replica's data server, Serve's HAProxy, the replica's Serve port, the upstream), then each
+stage's p50 as the replicas saw it.
 
     .venv/bin/python scripts/bench_stages.py [--duration 8]
 
@@ -46,6 +47,21 @@ def replica_ports(home: Path, tag: str) -> list[int]:
     return out
 
 
+def data_server(home: Path) -> tuple[str, dict[str, str]] | None:
+    """One ingress replica's data server and the headers the front proxy adds (web/data_server.py)."""
+    import redis
+
+    from trex_serve.web.data_endpoints import live_endpoints
+    from trex_serve.web.front_id import AUTH_HEADER, front_secret
+
+    gateway = json.loads((home / "gateway.json").read_text())
+    live = live_endpoints(redis.Redis.from_url(gateway["redis_url"]))
+    if not live:
+        return None
+    secret = front_secret((home / "secret_key").read_text().strip())
+    return live[0], {AUTH_HEADER: secret, "X-Forwarded-For": "127.0.0.1"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
@@ -80,11 +96,16 @@ def main() -> int:
         stages = {}
         for f in glob.glob(str(probe / "*.json")):
             stages.update(json.loads(Path(f).read_text()))
+        data = data_server(home)
+        if data:
+            rows["at the replica's data server (front's headers)"] = wrk(f"http://{data[0]}{url}", 1, args.duration,
+                                                                         BODY, key, data[1])
         rows["at Serve's HAProxy"] = wrk(f"http://127.0.0.1:{serve_port}{url}", 1, args.duration, BODY, key)
-        ingress = replica_ports(home, "ServeReplica:trex:Ingress")
+        low, high = json.loads((home / "gateway.json").read_text())["ingress_ports"]
+        ingress = [p for p in replica_ports(home, "ServeReplica:trex:Ingress") if low <= p <= high]
         if ingress:
-            rows["at the ingress replica's own port"] = wrk(f"http://127.0.0.1:{ingress[0]}{url}", 1,
-                                                           args.duration, BODY, key)
+            rows["at the ingress replica's Serve port (uvicorn)"] = wrk(f"http://127.0.0.1:{ingress[0]}{url}", 1,
+                                                                       args.duration, BODY, key)
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True)
         mock.kill()

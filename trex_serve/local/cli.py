@@ -35,7 +35,10 @@ from trex_serve.local.processes import (
 from trex_serve.settings import DEFAULT_CATALOG, REPO_DIR, state_dir
 from trex_serve.web.front_id import front_secret
 
-RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray starts its workers (every replica) at nice 15, below the front proxy, Redis and the upstream
+# they wait on; under load a replica then gets the CPU last. The gateway's replicas are the service.
+RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                      "RAY_worker_niceness": "0"}
 # An ingress replica that dies (a lost node) with requests on it before a byte of their answers
 # left: Serve's HAProxy sends each again to another replica. Only behind the front proxy, whose
 # request id makes that safe (front_id.py): chat is billed once, an operator change refused twice.

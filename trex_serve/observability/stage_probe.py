@@ -61,7 +61,9 @@ def install_ingress() -> None:
     from trex_serve.hop.relay import HttpRelay
     from trex_serve.pipeline import Pipeline
     from trex_serve.runtime import Runtime
+    from trex_serve.web.data_server import DataServer
 
+    _wrap_async(DataServer, "_handle", "data server handler (first byte in .. answer written)")
     _wrap_async(KeyGate, "authenticate", "auth")
     _wrap_async(KeyGate, "admit", "admit (Lua)")
     _wrap_async(KeyGate, "settle", "settle (Lua)")
