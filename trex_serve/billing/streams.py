@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -82,11 +82,11 @@ def _ledger_ack(fields: dict[str, str]) -> tuple[str, int]:
 
 
 def json_row(fields: dict[str, str]) -> dict[str, Any]:
-    return json.loads(fields["j"])
+    return orjson.loads(fields["j"])
 
 
-def encode_row(row: dict[str, Any]) -> dict[str, str]:
-    return {"j": json.dumps(row, default=str, separators=(",", ":"))}
+def encode_row(row: dict[str, Any]) -> dict[str, bytes]:
+    return {"j": orjson.dumps(row, default=str)}
 
 
 def appender(client: aioredis.Redis, prefix: str, name: str) -> Callable[[list[dict[str, Any]]], Any]:

@@ -82,7 +82,10 @@ class PoolServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         connector = aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=30,
                                          enable_cleanup_closed=True)
+        # No cookie jar: one session serves every account, so an upstream's Set-Cookie must never
+        # ride along on another account's request (and the jar's lookup costs on every request).
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=("User-Agent",))
         tracing.setup("pool")
         app = web.Application(client_max_size=64 * 1024 * 1024)

@@ -79,7 +79,9 @@ class HttpRelay:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+            # No cookie jar: nothing on this hop sets cookies, and a jar costs its lookup per request.
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
                                                   skip_auto_headers=("User-Agent",),
                                                   timeout=aiohttp.ClientTimeout(total=None))
         return self._session
