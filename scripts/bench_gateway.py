@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--serve-path", action="store_true",
                     help="also measure the gateway's hot route through Serve's port (the path before the "
                          "direct data servers: they are put in maintenance for that row)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="print each process's CPU per request during the gateway's row at 32 connections")
     ap.add_argument("--gateway-only", action="store_true",
                     help="only the rows the comparison needs (skip the plain key's rows when --risk is on)")
     args = ap.parse_args()
@@ -115,6 +117,7 @@ def main() -> int:
            "TREX_ADMIN_TOKEN": "bench", "TREX_INGRESS_REPLICAS": str(args.ingress_replicas)}
     cli = [sys.executable, "-m", "trex_serve.local.cli"]
     results: dict[str, dict] = {}
+    cpu_note = ""
     portkey = start_portkey(args.portkey_dir, mock_port) if args.portkey_dir else None
     try:
         up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
@@ -144,8 +147,14 @@ def main() -> int:
                 results[f"gateway stream, c={c}"] = wrk(f"{base}/v1/chat/completions", c, args.duration,
                                                         stream_body, key)
             if risky:
+                before = cpu_seconds(home, mock.pid) if args.cpu and c == 32 else None
                 results[f"gateway non-stream, all risk controls, c={c}"] = wrk(
                     f"{base}/v1/chat/completions", c, args.duration, BODY, risky)
+                if before is not None:
+                    served = results[f"gateway non-stream, all risk controls, c={c}"]["rps"] * args.duration
+                    after = cpu_seconds(home, mock.pid)
+                    cpu_note = ", ".join(f"{name} {1000 * (after[name] - before.get(name, 0)) / served:.2f}"
+                                         for name in sorted(after))
             if args.serve_path:
                 with data_servers_paused(home):
                     results[f"gateway via Serve's port, {'all risk controls' if risky else 'plain key'}, c={c}"] = wrk(
@@ -176,6 +185,8 @@ def main() -> int:
         if f"litellm proxy, c={c}" in results:
             litellm = results[f"litellm proxy, c={c}"]
             print(f"c={c}: gateway/LiteLLM throughput {gw['rps'] / max(litellm['rps'], 1):.2f}")
+    if args.cpu and risky:
+        print(f"c=32, all risk controls: CPU ms per request by process: {cpu_note}")
     portkey = {c: results.get(f"portkey gateway, c={c}") for c in (1, 32)}
     if portkey[1] and portkey[32]:
         which = "all risk controls" if args.risk else "plain key"
@@ -184,6 +195,30 @@ def main() -> int:
         print(f"Trex ({which}) / Portkey: req/s at 32 connections {gw32['rps'] / max(portkey[32]['rps'], 1):.2f}x "
               f"(target >= 1.0), p50 at 1 connection {gw1['p50'] / portkey[1]['p50']:.2f}x (target <= 1.5)")
     return 0
+
+
+def cpu_seconds(home: Path, mock_pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of this gateway's processes (found by their TREX_HOME) and
+    of the mock, by role."""
+    import psutil
+
+    roles = (("Ingress", "ingress replicas"), ("pool-", "pool replicas"), ("front_sync", "front sync"),
+             ("haproxy", "HAProxy (both)"))
+    out: dict[str, float] = {"mock upstream": sum(psutil.Process(mock_pid).cpu_times()[:2])}
+    marker = f"TREX_HOME={home}".encode()
+    redis_port = json.loads((home / "gateway.json").read_text())["redis_url"].rsplit(":", 1)[1].split("/")[0]
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        role = next((name for tag, name in roles if tag in text), None)
+        try:
+            if "redis-server" in text and f":{redis_port}" in text:
+                role = "Redis"  # Redis rewrites its environment area: found by its port instead
+            elif role is None or marker not in Path(f"/proc/{proc.info['pid']}/environ").read_bytes().split(b"\0"):
+                continue
+            out[role] = out.get(role, 0.0) + sum(proc.cpu_times()[:2])
+        except (OSError, psutil.Error):
+            continue
+    return out
 
 
 @contextlib.contextmanager
