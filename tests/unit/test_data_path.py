@@ -51,6 +51,24 @@ async def test_non_stream_answer_carries_trex_headers_and_usage(gateway, mocks):
     assert s.success and s.completion_tokens > 0
 
 
+@pytest.mark.parametrize("front", ["fastapi", "direct"])
+async def test_an_upstreams_cookie_never_rides_along_on_later_requests(mocks, tmp_path, front):
+    """One pool session serves every account: what an upstream sets for one must not reach it again
+    on another's request. (By host name: a cookie jar ignores cookies from a bare IP address.)"""
+    for m in mocks.values():
+        m.reset()
+    path = write_catalog(tmp_path / "catalog.yaml", mocks)
+    path.write_text(path.read_text().replace("127.0.0.1", "localhost"))
+    mocks["alpha"].control(set_cookie="session=account-a; Path=/")
+    async with data_path_client(load_catalog(path), front=front) as client:
+        for _ in range(3):
+            r = await client.post("/v1/chat/completions", json=chat())
+            assert r.status_code == 200, r.text
+            assert "set-cookie" not in r.headers
+    assert mocks["alpha"].stats()["requests"] == 3
+    assert mocks["alpha"].stats()["cookies_received"] == 0
+
+
 async def test_unknown_fields_pass_through_untouched(gateway, mocks):
     r = await gateway.post("/v1/chat/completions", json=chat(some_new_param={"x": [1, 2]}, temperature=0.2))
     assert r.status_code == 200

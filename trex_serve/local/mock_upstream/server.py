@@ -38,6 +38,7 @@ class Faults:
     endless_stream: bool = False     # chat streams never end (paced by token_interval_ms)
     giant_sse_line_bytes: int = 0    # chat streams: after the first chunk, one SSE line this long, no newline
     echo_key_in_errors: bool = False  # error messages quote the credential received (as some providers do)
+    set_cookie: str | None = None    # sent as Set-Cookie with every answer (the Cookie received is in stats)
     # Per credential received (the bearer token, or x-api-key): {"sk-b": {"status": 429, "retry_after": 5}}
     # answers that status to that key alone; key_rpm {"sk-a": 20} refuses a key's 21st request in any
     # rolling 60 s with 429, as a provider enforcing the key's budget would (counted in rpm_refused).
@@ -50,7 +51,8 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         self.name = name
         self.faults = Faults()
         self.stats: dict[str, Any] = {"requests": 0, "by_status": {}, "last_auth": None, "last_model": None,
-                                      "last_body": None, "last_traceparent": None, "by_key": {}, "rpm_refused": {}}
+                                      "last_body": None, "last_traceparent": None, "by_key": {}, "rpm_refused": {},
+                                      "cookies_received": 0}
         self._key_log: dict[str, deque[float]] = {}
 
     def app(self) -> web.Application:
@@ -63,7 +65,12 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         app.router.add_get("/_control", self.get_control)
         app.router.add_post("/_reset", self.reset)
         app.router.add_get("/_stats", self.get_stats)
+        app.on_response_prepare.append(self._set_cookie)
         return app
+
+    async def _set_cookie(self, _request: web.Request, response: web.StreamResponse) -> None:
+        if self.faults.set_cookie:
+            response.headers["Set-Cookie"] = self.faults.set_cookie
 
     # ---- control ------------------------------------------------------------------------------
 
@@ -83,7 +90,7 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
     async def reset(self, _request: web.Request) -> web.Response:
         self.faults = Faults()
         self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None,
-                          last_traceparent=None, by_key={}, rpm_refused={})
+                          last_traceparent=None, by_key={}, rpm_refused={}, cookies_received=0)
         self._key_log = {}
         return web.json_response({"ok": True})
 
@@ -102,6 +109,8 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         f = self.faults
         # W3C trace context as a provider would receive it (tests check the trace reaches here).
         self.stats["last_traceparent"] = request.headers.get("traceparent")
+        if "Cookie" in request.headers:
+            self.stats["cookies_received"] += 1
         if f.latency_ms:
             await asyncio.sleep(f.latency_ms / 1000)
         if f.hang_rate and random.random() < f.hang_rate:
