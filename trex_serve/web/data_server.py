@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from trex_serve.admission.client_ip import client_address
 from trex_serve.answers import Answer
 from trex_serve.errors import TrexError
 from trex_serve.pipeline import Pipeline
@@ -27,14 +27,9 @@ _AUTH = AUTH_HEADER.lower()
 
 
 def forwarded_client(forwarded_for: str | None, peer: str | None) -> str:
-    """The front proxy drops what the client sent and appends the peer it saw: the last hop."""
-    if forwarded_for:
-        last = forwarded_for.rsplit(",", 1)[-1].strip()
-        try:
-            return str(ipaddress.ip_address(last))
-        except ValueError:
-            pass
-    return peer or "unknown"
+    """The front proxy drops what the client sent and appends the peer it saw, and its signature
+    makes it the one trusted proxy: X-Forwarded-For read past it (client_ip.py)."""
+    return client_address(peer, forwarded_for, (peer,) if peer else ())
 
 
 class DataServer:
