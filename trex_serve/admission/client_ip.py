@@ -22,6 +22,9 @@ def _trusted(addr: str, networks: tuple[Network, ...]) -> bool:
     return any(ip in net for net in networks)
 
 
+# Pure, and asked for the same few (peer, header) pairs on every request: parsing addresses was
+# ~2.5% of an ingress replica's CPU at load. Bounded, so a stream of distinct headers cannot grow it.
+@lru_cache(maxsize=4096)
 def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[str, ...]) -> str:
     peer = peer or "unknown"
     if not forwarded_for or not trusted:

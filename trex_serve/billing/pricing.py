@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from functools import lru_cache
 
 MICRO_PER_CREDIT = 1_000_000
 
@@ -27,10 +28,16 @@ def _dec(value: float | int | str | Decimal) -> Decimal:
     if isinstance(value, Decimal):
         return value
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"price must be finite, got {value!r}")
-        return Decimal(repr(value))
+        return _dec_float(value)
     return Decimal(value)
+
+
+@lru_cache(maxsize=1024)
+def _dec_float(value: float) -> Decimal:
+    # The catalog's few prices, converted on every admission and settlement: cached.
+    if not math.isfinite(value):
+        raise ValueError(f"price must be finite, got {value!r}")
+    return Decimal(repr(value))
 
 
 def cost_micro(
