@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 import aiohttp
 import orjson
 
 from trex_serve.hop import protocol as hop
+from trex_serve.hop.lean_client import AnswerCut, LeanClient
 
 # A provider key travels as an HTTP header value: printable ASCII only (no CR/LF/NUL, no
 # non-ASCII, no spaces), and short enough for any upstream's header limits.
@@ -75,6 +76,7 @@ class HttpRelay:
         self.replica_tries = replica_tries
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._lean = LeanClient()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -87,6 +89,7 @@ class HttpRelay:
         return self._session
 
     async def close(self) -> None:
+        await self._lean.close()
         if self._session is not None:
             await self._session.close()
 
@@ -125,6 +128,22 @@ class HttpRelay:
             tracker = self.tracker
             if tracker is not None:
                 tracker.started(endpoint)
+            if not req.stream:
+                try:
+                    out = await self._whole(host, port, headers, req.body)
+                except OSError as exc:  # ReplicaGone and every connect failure: another replica may serve it
+                    last = exc
+                    if tracker is not None:
+                        tracker.finished(endpoint)
+                        tracker.unreachable(endpoint)
+                    continue
+                except BaseException:
+                    if tracker is not None:
+                        tracker.finished(endpoint)
+                    raise
+                if tracker is not None:
+                    tracker.finished(endpoint)
+                return out
             try:
                 resp = await self._client().post(f"http://{host}:{port}/relay", data=req.body,
                                                  headers=headers)
@@ -153,15 +172,16 @@ class HttpRelay:
             return out
         raise hop.ReplicaUnreachable(f"no reachable replica for pool {req.provider}: {last}")
 
+    async def _whole(self, host: str, port: int, headers: dict[str, str], body: bytes) -> hop.HopResponse:
+        try:
+            status, answer_headers, answer = await self._lean.post(host, port, "/relay", headers, body)
+        except AnswerCut:
+            return hop.HopResponse(502, {}, b"", failure="reset")
+        failure, retry_after, trex_headers = _head(answer_headers)
+        return hop.HopResponse(status, trex_headers, answer, failure=failure, retry_after=retry_after)
+
     async def _wrap(self, resp: aiohttp.ClientResponse, stream: bool) -> hop.HopResponse:
-        failure = resp.headers.get(hop.H_FAILURE)
-        retry_after = None
-        if "Retry-After" in resp.headers:
-            try:
-                retry_after = float(resp.headers["Retry-After"])
-            except ValueError:
-                retry_after = None
-        headers = {k: v for k, v in resp.headers.items() if k.startswith("X-Trex-")}
+        failure, retry_after, headers = _head(resp.headers)
         if stream and resp.status == 200 and failure is None:
             async def chunks() -> AsyncIterator[bytes]:
                 async for chunk in resp.content.iter_any():
@@ -179,3 +199,15 @@ class HttpRelay:
             return hop.HopResponse(502, headers, b"", failure="reset")
         resp.release()
         return hop.HopResponse(resp.status, headers, body, failure=failure, retry_after=retry_after)
+
+
+def _head(headers: Mapping[str, str]) -> tuple[str | None, float | None, dict[str, str]]:
+    """What the ingress reads from a pool answer's head: the failure it names, Retry-After, and
+    the X-Trex- headers it passes on."""
+    retry_after = None
+    if "Retry-After" in headers:
+        try:
+            retry_after = float(headers["Retry-After"])
+        except ValueError:
+            retry_after = None
+    return headers.get(hop.H_FAILURE), retry_after, {k: v for k, v in headers.items() if k.startswith("X-Trex-")}
