@@ -30,6 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trex_serve.local.embedded import free_port, port_open  # noqa: E402
 
+WARMUP_S = 5
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
 
 
@@ -137,6 +138,12 @@ def main() -> int:
         for _ in range(50):  # warm every connection pool on the path
             httpx.post(f"{base}/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"})
         stream_body = {**BODY, "stream": True}
+        # Each gateway gets the same warm-up at load before its measured rows (JIT, caches,
+        # connection pools, a just-started Serve's background work): measured rows compare warm
+        # processes, not the first seconds after start.
+        wrk(f"{base}/v1/chat/completions", 32, WARMUP_S, BODY, risky or key)
+        if portkey:
+            wrk(portkey[1], 32, WARMUP_S, BODY, "sk-x", portkey[2])
         for c in (1, 32):
             results[f"upstream direct, c={c}"] = wrk(f"http://127.0.0.1:{mock_port}/v1/chat/completions", c,
                                                      args.duration, BODY, None)
