@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from trex_serve.admission.counters import CounterStore
 from trex_serve.admission.keygate import KeyGate
 from trex_serve.billing import pricing as billing
+from trex_serve.billing.balances import booked_totals
 from trex_serve.billing.streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.billing.writer import BatchWriter
 from trex_serve.catalog import Catalog, load_catalog
@@ -158,7 +159,7 @@ class Runtime:
         used = await self.counters.quota_usage(account_id)
         limits = plan.daily_quota if plan else None
         live = await self.counters.get_balance(account_id)
-        unbooked = await self.counters.unbooked(account_id)
+        totals, unbooked = await booked_totals(self.counters, self.repo.ledger_totals, account_id)
         quota = {
             "requests_used": used.get("requests", 0), "tokens_used": used.get("tokens", 0),
             "requests_limit": limits.requests if limits else None, "tokens_limit": limits.tokens if limits else None,
@@ -167,7 +168,7 @@ class Runtime:
         for what in ("requests", "tokens"):
             limit = quota[f"{what}_limit"]
             quota[f"{what}_left"] = None if limit is None else max(0, limit - quota[f"{what}_used"])
-        return {"quota": quota, "live_balance_micro": live, "unbooked_micro": unbooked}
+        return {"quota": quota, "live_balance_micro": live, "unbooked_micro": unbooked, "ledger_totals": totals}
 
     async def _on_credits(self, account_id: str, micro: int) -> int | None:
         return await self.counters.grant(account_id, micro)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from tests.helpers import write_catalog
 from tests.integration.gateway import OP, account, chat, new_key
 from trex_serve.admission.counter_records import AdmitRequest, SettleRequest
 from trex_serve.admission.counters import CounterStore
+from trex_serve.billing.balances import booked_totals, credit_view
 from trex_serve.billing.reconcile import reconcile
 from trex_serve.billing.streams import GROUP, StreamDrainer, appender, json_row, ledger_row, stream_key
 from trex_serve.billing.writer import BatchWriter
@@ -115,6 +117,38 @@ async def test_a_dead_consumers_entries_are_claimed_and_each_row_written_once(st
     # The dead consumer's late acknowledgement (had it survived) changes nothing.
     await live._ack(keys=[live.key], args=[GROUP, counters.prefix, read[0][0], acc, amounts[0]])
     assert await counters.unbooked(acc) == 0
+
+
+async def test_a_usage_read_while_a_drainer_books_the_rows_counts_each_charge_once(store):
+    repo, counters = store
+    acc = repo.create_account("a", "free")["id"]
+    repo.grant_credits(acc, 10_000_000)
+    await counters.ensure_balance(acc, repo.ledger_sum(acc))
+    amounts = [700, 1_100, 2_300]
+    await settle_charges(counters, acc, amounts)
+    committed, release = threading.Event(), threading.Event()
+
+    def write_then_wait(rows: list[dict]) -> None:
+        repo.append_ledger(rows)  # committed to SQL; the acknowledgement has not happened yet
+        committed.set()
+        release.wait(10)
+
+    drainer = StreamDrainer(counters.client, counters.prefix, "ledger", write_then_wait, consumer="slow")
+    drain = asyncio.create_task(drainer.drain_once())
+    while not committed.is_set():
+        await asyncio.sleep(0.005)
+    # In this window a plain "SQL ledger + unbooked" counts every charge twice...
+    naive = credit_view(repo.ledger_totals(acc), None, await counters.unbooked(acc))
+    assert naive["charged_micro"] == 2 * sum(amounts)
+    # ... while the read the usage endpoints use waits for the batch to be acknowledged.
+    read = asyncio.create_task(booked_totals(counters, repo.ledger_totals, acc))
+    await asyncio.sleep(0.05)
+    assert not read.done(), "no pair is taken while the account's rows are being booked"
+    release.set()
+    totals, unbooked = await read
+    assert await drain
+    assert credit_view(totals, None, unbooked)["charged_micro"] == sum(amounts)
+    assert unbooked == 0 and await counters.booking_state(acc) == (0, False)
 
 
 @contextlib.contextmanager

@@ -211,6 +211,13 @@ class CounterStore(ScriptCaller):
         """Micro-credits charged in Redis whose ledger rows still wait in the stream (not in SQL yet)."""
         return int(await self._cmd(self.client.get(self._k("unbooked", account_id))) or 0)
 
+    async def booking_state(self, account_id: str) -> tuple[int, bool]:
+        """The account's unbooked charges and whether a drainer is moving some of its ledger rows
+        into SQL right now (``streams.booking_key``), read together."""
+        unbooked, booking = await self._cmd(self.client.mget(
+            self._k("unbooked", account_id), self._k("booking", account_id)))
+        return int(unbooked or 0), int(booking or 0) > 0
+
     async def drop_balance(self, account_id: str) -> None:
         """Forget the cached balance (the next credit admission reloads it from the ledger)."""
         await self._cmd(self.client.delete(self._k("bal", account_id)))

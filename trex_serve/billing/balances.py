@@ -9,9 +9,15 @@ still on their way to the ledger, and ``reserved`` is what requests in flight ho
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from trex_serve.store.repository import credits
+
+
+class BookingReader(Protocol):
+    async def booking_state(self, account_id: str) -> tuple[int, bool]: ...
 
 
 def credit_view(totals: dict[str, int], live: int | None = None, unbooked: int = 0) -> dict[str, Any]:
@@ -36,5 +42,26 @@ def apply_live(out: dict[str, Any], totals: dict[str, int], live: dict[str, Any]
     """Put the live figures (``Runtime._usage``: quota, ``live_balance_micro``, ``unbooked_micro``)
     into a usage answer and rebuild its credit view from them."""
     unbooked = int(live.pop("unbooked_micro", 0) or 0)
+    # Read together with ``unbooked`` (Runtime._booked): the caller's own totals may be older.
+    totals = live.pop("ledger_totals", None) or totals
     out.update(live)
     out["credits"] = credit_view(totals, out.get("live_balance_micro"), unbooked)
+
+
+async def booked_totals(counters: BookingReader, ledger_totals: Callable[[str], dict[str, int]],
+                        account_id: str, tries: int = 10) -> tuple[dict[str, int], int]:
+    """The SQL ledger's totals (``ledger_totals``, blocking: run in a thread) and the charges not in
+    it yet, read so that no charge is in both or in neither. A drainer commits a batch to SQL before
+    its acknowledgement lowers ``unbooked``, so the pair is taken only when no batch of this account
+    was on its way (``streams.booking_key``) and ``unbooked`` did not move across the SQL read."""
+    for attempt in range(tries):
+        unbooked, busy = await counters.booking_state(account_id)
+        if not busy:
+            totals = await asyncio.to_thread(ledger_totals, account_id)
+            if await counters.booking_state(account_id) == (unbooked, False):
+                return totals, unbooked
+        if attempt < tries - 1:
+            await asyncio.sleep(0.01 * (attempt + 1))
+    # Charges settling without pause, or a drainer that died holding the mark: the last read.
+    totals = await asyncio.to_thread(ledger_totals, account_id)
+    return totals, (await counters.booking_state(account_id))[0]

@@ -59,6 +59,23 @@ return n
 """
 
 
+# While a drainer moves an account's ledger rows into SQL (from just before the commit until just
+# after their acknowledgement lowers ``unbooked``), ``{prefix}booking:{account}`` is above zero: a
+# reader of "SQL ledger + unbooked" that sees it retries, or it could count a charge twice or not
+# at all. Expires, so a drainer that dies in between holds readers back for a minute at most.
+BOOKING_TTL_S = 60
+_UNMARK_LUA = """
+for i = 1, #KEYS do
+  if redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+
+def booking_key(prefix: str, account_id: str) -> str:
+    return f"{prefix}booking:{account_id}"
+
+
 def stream_key(prefix: str, name: str) -> str:
     return f"{prefix}stream:{name}"
 
@@ -128,6 +145,7 @@ class StreamDrainer:
         self.backlog = 0  # entries in the stream not yet in SQL, as last seen (all replicas)
         self.unacked = 0  # of those, read by some consumer and not yet acknowledged
         self._ack = client.register_script(_ACK_LUA)
+        self._unmark = client.register_script(_UNMARK_LUA)
         self._lock = asyncio.Lock()
         self._group_ready = False
         self._claim_from = "0-0"
@@ -166,7 +184,7 @@ class StreamDrainer:
         return await self._read(">")
 
     async def _commit(self, entries: list[tuple[str, dict[str, str] | None]]) -> bool:
-        rows, acks = [], []
+        rows, acks, booking = [], [], set()
         for entry_id, fields in entries:
             account, amount = "", 0
             if fields:  # None: deleted after another consumer committed it; acknowledge only
@@ -177,17 +195,31 @@ class StreamDrainer:
                 except (KeyError, ValueError, TypeError):
                     log.error("%s stream: unreadable entry %s skipped: %r", self.name, entry_id, fields)
             acks += [entry_id, account, amount]
-        if rows:
-            try:
-                await asyncio.to_thread(self._write, rows)
-            except Exception:
-                self.failures += 1
-                log.warning("%s stream: database write failed; %d entries wait in Redis", self.name,
-                            len(entries), exc_info=self.failures == 1)
-                return False
-        self.written += len(rows)
-        await self._ack(keys=[self.key], args=[GROUP, self.prefix, *acks])
-        return True
+            if account and int(amount) > 0:
+                booking.add(booking_key(self.prefix, account))
+        marks = sorted(booking)
+        if marks:
+            pipe = self.client.pipeline(transaction=False)
+            for mark in marks:
+                pipe.incr(mark)
+                pipe.expire(mark, BOOKING_TTL_S)
+            await pipe.execute()
+        try:
+            if rows:
+                try:
+                    await asyncio.to_thread(self._write, rows)
+                except Exception:
+                    self.failures += 1
+                    log.warning("%s stream: database write failed; %d entries wait in Redis", self.name,
+                                len(entries), exc_info=self.failures == 1)
+                    return False
+            self.written += len(rows)
+            await self._ack(keys=[self.key], args=[GROUP, self.prefix, *acks])
+            return True
+        finally:
+            if marks:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._unmark(keys=marks)
 
     async def drain_once(self) -> bool:
         """Commit everything this consumer can take now; False if the database refused a batch."""
