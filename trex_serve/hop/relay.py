@@ -128,36 +128,25 @@ class HttpRelay:
             tracker = self.tracker
             if tracker is not None:
                 tracker.started(endpoint)
-            if not req.stream:
-                try:
-                    out = await self._whole(host, port, headers, req.body)
-                except OSError as exc:  # ReplicaGone and every connect failure: another replica may serve it
-                    last = exc
-                    if tracker is not None:
-                        tracker.finished(endpoint)
-                        tracker.unreachable(endpoint)
-                    continue
-                except BaseException:
-                    if tracker is not None:
-                        tracker.finished(endpoint)
-                    raise
-                if tracker is not None:
-                    tracker.finished(endpoint)
-                return out
+            whole: hop.HopResponse | None = None
             try:
-                resp = await self._client().post(f"http://{host}:{port}/relay", data=req.body,
-                                                 headers=headers)
-            except (aiohttp.ClientError, ConnectionError) as exc:
+                if req.stream:
+                    resp = await self._client().post(f"http://{host}:{port}/relay", data=req.body,
+                                                     headers=headers)
+                else:
+                    whole = await self._whole(host, port, headers, req.body)
+            except (aiohttp.ClientError, OSError) as exc:
                 # The replica died or went away before answering: another replica may serve it.
-                last = exc
-                if tracker is not None:
-                    tracker.finished(endpoint)
-                    tracker.unreachable(endpoint)
+                last = self._unreachable(exc, endpoint)
                 continue
             except BaseException:
                 if tracker is not None:
                     tracker.finished(endpoint)
                 raise
+            if whole is not None:
+                if tracker is not None:
+                    tracker.finished(endpoint)
+                return whole
             if tracker is None:
                 return await self._wrap(resp, req.stream)
             try:
@@ -171,6 +160,12 @@ class HttpRelay:
                 out.close = _then(out.close, tracker, endpoint)
             return out
         raise hop.ReplicaUnreachable(f"no reachable replica for pool {req.provider}: {last}")
+
+    def _unreachable(self, exc: Exception, endpoint: tuple[str, int]) -> Exception:
+        if self.tracker is not None:
+            self.tracker.finished(endpoint)
+            self.tracker.unreachable(endpoint)
+        return exc
 
     async def _whole(self, host: str, port: int, headers: dict[str, str], body: bytes) -> hop.HopResponse:
         try:
