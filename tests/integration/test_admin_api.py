@@ -56,7 +56,9 @@ def ctx(engine):
         granted.append((account_id, amount))
 
     async def usage_extra(account_id: str) -> dict:
-        return {"quota": {"requests_used": 3, "requests_left": 197}}
+        # As Runtime._usage answers: the live quota, with the ledger's totals read alongside.
+        return {"quota": {"requests_used": 3, "requests_left": 197},
+                "ledger_totals": repo.ledger_totals(account_id)}
 
     app = FastAPI()
 

@@ -38,12 +38,12 @@ def credit_view(totals: dict[str, int], live: int | None = None, unbooked: int =
     return view
 
 
-def apply_live(out: dict[str, Any], totals: dict[str, int], live: dict[str, Any]) -> None:
-    """Put the live figures (``Runtime._usage``: quota, ``live_balance_micro``, ``unbooked_micro``)
-    into a usage answer and rebuild its credit view from them."""
+def apply_live(out: dict[str, Any], live: dict[str, Any]) -> None:
+    """Put the live figures (``Runtime._usage``: quota, ``live_balance_micro``, and the SQL
+    ledger's totals with ``unbooked_micro``, read together by :func:`booked_totals`) into a usage
+    answer with the credit view built from them."""
     unbooked = int(live.pop("unbooked_micro", 0) or 0)
-    # Read together with ``unbooked`` (Runtime._booked): the caller's own totals may be older.
-    totals = live.pop("ledger_totals", None) or totals
+    totals = live.pop("ledger_totals")
     out.update(live)
     out["credits"] = credit_view(totals, out.get("live_balance_micro"), unbooked)
 

@@ -239,14 +239,14 @@ def build_account_router(repo: Repository, admin_token: str | None, catalog: Cal
     @router.get("/usage")
     async def usage(me: Principal = Me) -> dict[str, Any]:
         acc = await call(repo.get_account, me.account_id)
-        totals = await call(repo.ledger_totals, me.account_id)
         out: dict[str, Any] = {"object": "usage", "account_id": me.account_id,
-                               "plan": acc["plan"] if acc else None, "credits": credit_view(totals), "quota": {}}
+                               "plan": acc["plan"] if acc else None, "quota": {}}
         try:
-            apply_live(out, totals, await live_usage(me.account_id))
+            apply_live(out, await live_usage(me.account_id))  # the ledger's totals come with it
         except Exception:
             log.exception("usage(%s) failed", me.account_id)
             out["quota"] = {"error": "live counters unavailable"}
+            out["credits"] = credit_view(await call(repo.ledger_totals, me.account_id))
         return out
 
     @router.get("/logs")

@@ -331,19 +331,15 @@ def build_admin_router(
     @router.get("/accounts/{account_id}/usage")
     async def usage(account_id: str) -> dict[str, Any]:
         acc = await account_or_404(account_id)
-        totals = await call(repo.ledger_totals, account_id)
-        out: dict[str, Any] = {
-            "account_id": account_id,
-            "plan": acc["plan"],
-            "credits": credit_view(totals),
-            "quota": {},
-        }
+        out: dict[str, Any] = {"account_id": account_id, "plan": acc["plan"], "quota": {}}
         if usage_extra is not None:
             try:
-                apply_live(out, totals, await usage_extra(account_id))
+                apply_live(out, await usage_extra(account_id))  # the ledger's totals come with it
+                return out
             except Exception:
                 log.exception("usage_extra(%s) failed", account_id)
                 out["quota"] = {"error": "live counters unavailable"}
+        out["credits"] = credit_view(await call(repo.ledger_totals, account_id))
         return out
 
     # ------------------------------------------------------------ logs, audit, risk
