@@ -86,6 +86,28 @@ async def test_a_connection_the_replica_closed_while_idle_is_replaced_without_an
     assert server.connections == 3
 
 
+async def test_connections_left_over_from_a_burst_are_forgotten_once_the_replica_closes_them() -> None:
+    async def close_when_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                body = await asyncio.wait_for(read_request(reader), 0.1)
+            except TimeoutError:
+                return  # idle too long: the replica closes it, as aiohttp's keep-alive timeout does
+            writer.write(answer(body))
+            await writer.drain()
+
+    server = RawServer(close_when_idle)
+    client = LeanClient()
+    async with server as port:
+        await asyncio.gather(*(client.post("127.0.0.1", port, "/relay", {}, b"{}") for _ in range(5)))
+        assert len(client._idle[("127.0.0.1", port)]) == 5
+        for _ in range(6):  # one connection kept busy; the other four go quiet and are closed
+            await asyncio.sleep(0.05)
+            assert (await client.post("127.0.0.1", port, "/relay", {}, b"{}"))[0] == 200
+        assert len(client._idle[("127.0.0.1", port)]) == 1
+        await client.close()
+
+
 async def test_an_answer_cut_part_way_is_a_reset_and_the_connection_is_not_reused() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

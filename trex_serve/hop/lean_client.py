@@ -161,7 +161,12 @@ class LeanClient:
         answer = b"".join(conn.body)
         if conn.keep_alive and not conn.lost:
             conn.idle_since = time.monotonic()
-            self._idle.setdefault(endpoint, []).append(conn)
+            idle = self._idle.setdefault(endpoint, [])
+            # Taken newest first, so after a burst the older ones sit below and the replica closes
+            # them: forget those from the oldest end as connections come back.
+            while idle and (idle[0].lost or conn.idle_since - idle[0].idle_since >= self.idle_s):
+                idle.pop(0)._abort()  # noqa: SLF001
+            idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()
         return status, headers, answer
