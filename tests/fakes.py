@@ -3,6 +3,7 @@ request through and counts settlements, so tests can assert exactly-once settlem
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,6 +26,11 @@ class CountingGate:
         self.catalog = catalog
         self.settlements: list[Settlement] = []
         self.admitted = 0
+        # A slow counter store, when set: the settle call is written after this pause and its
+        # reply comes after another; ``events`` says which has happened.
+        self.settle_lag_s = 0.0
+        self.settle_error: Exception | None = None  # raised before the call could be written
+        self.events: list[str] = []
 
     async def authenticate(self, authorization, client_ip) -> Principal:
         return Principal("key_test", "acc_test", "trex-test", "free")
@@ -42,8 +48,16 @@ class CountingGate:
     async def provider_key(self, principal, provider, override):
         return override
 
-    async def settle(self, ticket, settlement: Settlement) -> int:
+    async def settle(self, ticket, settlement: Settlement, sent=None) -> int:
         self.settlements.append(settlement)
+        await asyncio.sleep(self.settle_lag_s)
+        if self.settle_error is not None:
+            raise self.settle_error
+        if sent is not None:
+            sent.set_result(None)
+            self.events.append("settle sent")
+        await asyncio.sleep(self.settle_lag_s)
+        self.events.append("settle replied")
         return 0
 
 

@@ -479,6 +479,19 @@ def test_concurrency_limit_429_and_no_leaked_slot(gateway):
                           headers={"Authorization": f"Bearer {key['key']}"}).status_code == 200
 
 
+def test_a_key_at_concurrency_one_gets_every_request_sent_after_its_answer(gateway):
+    """The settlement of a whole answer finishes after the answer has left; its slot must
+    still be free for a request the client sends the moment it has read that answer."""
+    admin = gateway["admin"]
+    acc = admin.post("/accounts", json={"name": "one-at-a-time", "plan": "free"}).json()
+    admin.post(f"/accounts/{acc['id']}/credits", json={"amount": 10, "reason": "conc-1 test"})
+    key = admin.post(f"/accounts/{acc['id']}/keys", json={"limits": {"concurrency": 1}}).json()
+    c = openai.OpenAI(base_url=f"{gateway['base']}/v1", api_key=key["key"], max_retries=0)
+    for i in range(40):
+        model = "big-model" if i % 2 else "gpt-4o-mini"  # credits and quota alike
+        c.chat.completions.create(model=model, max_tokens=8, messages=[{"role": "user", "content": "n"}])
+
+
 def test_billing_quota_credits_grant_downgrade_and_free_failures(gateway):
     admin = gateway["admin"]
     acc = admin.post("/accounts", json={"name": "billing", "plan": "free"}).json()

@@ -442,8 +442,37 @@ async def test_velocity_flag(store: CounterStore) -> None:
     assert not first.velocity_exceeded and first.velocity_micro == 600
     second = await spend(600, now + 30)
     assert second.velocity_exceeded and second.velocity_micro == 1200
+    # Over the limit: admission itself refuses the key until the gateway has suspended it in SQL
+    # and lifts the mark (an answer may reach the client before that suspension is written).
+    refused = await store.admit(AdmitRequest(_rid(), "k", "a", billing="credits", reserve_micro=1, now=now + 31))
+    assert (refused.ok, refused.code) == (False, "api_key_suspended")
+    assert (await store.admit(AdmitRequest(_rid(), "other-key", "a", now=now + 31))).ok
+    await store.lift_velocity_stop("k")
     later = await spend(100, now + 75)  # the first charge left the window
     assert not later.velocity_exceeded and later.velocity_micro == 700
+
+
+async def test_settle_reports_when_it_is_written_before_its_reply(store: CounterStore) -> None:
+    admitted = await store.admit(AdmitRequest(_rid(), "k", "a", concurrency=1))
+    sent = asyncio.get_running_loop().create_future()
+    order: list[str] = []
+    sent.add_done_callback(lambda _f: order.append("sent"))
+    result = await store.settle(SettleRequest(admitted.lease_id), sent)
+    order.append("reply")
+    assert result.settled and order == ["sent", "reply"] and sent.result() is None
+    assert (await store.admit(AdmitRequest(_rid(), "k", "a", concurrency=1))).ok  # the slot came back
+
+
+@pytest.mark.parametrize("group_commit", [True, False])
+async def test_a_settlement_that_cannot_be_sent_says_so(group_commit: bool) -> None:
+    s = CounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0", "x:", group_commit=group_commit)
+    try:
+        sent = asyncio.get_running_loop().create_future()
+        with pytest.raises(ServiceUnavailable):
+            await s.settle(SettleRequest(_rid()), sent)
+        assert sent.done() and sent.exception() is not None
+    finally:
+        await s.aclose()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,13 +518,13 @@ async def test_invalidation_broadcast(gstore: CounterStore) -> None:
 
 async def test_group_commit_one_pipeline(gstore: CounterStore) -> None:
     calls: list[int] = []
-    original = gstore._pipeline_eval
+    original = gstore._roundtrip
 
-    async def counting(batch):
+    async def counting(batch, on_sent=lambda: None):
         calls.append(len(batch))
-        return await original(batch)
+        return await original(batch, on_sent)
 
-    gstore._pipeline_eval = counting  # type: ignore[method-assign]
+    gstore._roundtrip = counting  # type: ignore[method-assign]
     results = await asyncio.gather(*[gstore.admit(AdmitRequest(_rid(), "k", "a", rpm=1000)) for _ in range(40)])
     assert all(r.ok for r in results) and calls == [40]
     await asyncio.gather(*[gstore.settle(SettleRequest(r.lease_id)) for r in results])

@@ -3,12 +3,15 @@ client is who the front proxy says, and what it does not serve is refused in the
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
 from tests.fakes import data_path_client
 from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
+from trex_serve.errors import ServiceUnavailable
 from trex_serve.web.data_server import HEALTH_PATH, forwarded_client
 from trex_serve.web.front_id import AUTH_HEADER
 
@@ -50,3 +53,20 @@ def test_the_client_is_the_last_address_the_front_proxy_wrote():
     assert forwarded_client("10.0.0.1, 2001:db8::1", "127.0.0.1") == "2001:db8::1"
     assert forwarded_client("not-an-ip", "127.0.0.1") == "127.0.0.1"
     assert forwarded_client(None, None) == "unknown"
+
+
+async def test_a_whole_answer_leaves_once_its_settlement_is_sent_not_when_it_is_answered(direct):
+    direct.gate.settle_lag_s = 0.3
+    r = await direct.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200 and direct.gate.events == ["settle sent"]
+    for _ in range(100):
+        if direct.gate.events == ["settle sent", "settle replied"]:
+            break
+        await asyncio.sleep(0.02)
+    assert direct.gate.events == ["settle sent", "settle replied"]
+
+
+async def test_a_settlement_that_cannot_be_sent_fails_the_request_as_before(direct):
+    direct.gate.settle_error = ServiceUnavailable("counter store unavailable", code="counter_store_unavailable")
+    r = await direct.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "counter_store_unavailable"

@@ -1,19 +1,21 @@
 """The Lua plumbing under the counter store: the scripts (loaded from ``lua/``), EVALSHA with
 NOSCRIPT recovery, and group commit. The admissions and settlements that coroutines issue in the
-same event-loop turn leave in ONE pipeline (one EVALSHA each, ``transaction=False``), each caller
-getting its own answer. :class:`ScriptCaller` is the base of
+same event-loop turn leave in ONE pipeline (one EVALSHA each), each caller getting its own answer,
+and a caller may ask to hear when its call has been written to Redis (``sent``), before its reply
+arrives. :class:`ScriptCaller` is the base of
 :class:`~trex_serve.admission.counters.CounterStore`, which holds the counter API itself."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from trex_serve.errors import ServiceUnavailable
 
@@ -93,14 +95,14 @@ class _Batcher:
     def __init__(self, store: ScriptCaller, max_batch: int) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._pending: list[tuple[_Script, list[Any], asyncio.Future]] = []
+        self._pending: list[_Item] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, script: _Script, args: list[Any]) -> asyncio.Future:
+    def submit(self, script: _Script, args: list[Any], sent: asyncio.Future | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append((script, args, fut))
+        self._pending.append((script, args, fut, sent))
         if not self._scheduled:
             self._scheduled = True
             task = loop.create_task(self._flush())
@@ -117,30 +119,42 @@ class _Batcher:
         chunks = [batch[i : i + self._max_batch] for i in range(0, len(batch), self._max_batch)]
         await asyncio.gather(*[self._send(c) for c in chunks], return_exceptions=True)
 
-    async def _send(self, batch: list[tuple[_Script, list[Any], asyncio.Future]]) -> None:
+    async def _send(self, batch: list[_Item]) -> None:
         live = [item for item in batch if not item[2].done()]
         if not live:
+            for item in batch:
+                _mark_sent(item[3], None)
             return
         try:
-            if len(live) == 1:  # a batch of one: a plain EVALSHA is cheaper than a pipeline
-                script, args, _ = live[0]
-                results = [await self._store._evalsha_direct(script, args)]
-            else:
-                results = await self._store._pipeline_eval([(s, a) for s, a, _ in live])
+            results = await self._store._roundtrip([(s, a) for s, a, _, _ in live],
+                                                   lambda: [_mark_sent(i[3], None) for i in live])
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-            for _, _, fut in live:
+            for _, _, fut, sent in live:
+                _mark_sent(sent, exc)
                 if not fut.done():
                     fut.set_exception(exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, _, fut), result in zip(live, results, strict=True):
+        for (_, _, fut, _), result in zip(live, results, strict=True):
             if fut.done():
                 continue
             if isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+
+
+_Item = tuple[_Script, list[Any], asyncio.Future, "asyncio.Future | None"]
+
+
+def _mark_sent(sent: asyncio.Future | None, exc: BaseException | None) -> None:
+    if sent is not None and not sent.done():
+        if exc is None:
+            sent.set_result(None)
+        else:
+            sent.set_exception(exc)
+            sent.exception()  # read here: a waiter that already left must not log it as unretrieved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,34 +188,68 @@ class ScriptCaller:
             await self.client.script_load(script.body)
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
 
-    async def _pipeline_eval(self, calls: list[tuple[_Script, list[Any]]]) -> list[Any]:
-        async def run(items: list[tuple[_Script, list[Any]]]) -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for script, args in items:
-                pipe.execute_command("EVALSHA", script.sha, 0, *args)
-            return await pipe.execute(raise_on_error=False)
-
-        results = await run(calls)
+    async def _roundtrip(self, calls: list[tuple[_Script, list[Any]]],
+                         on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
+        """EVALSHA each call in one write on one pooled connection and read the replies in order
+        (an error reply is returned in its place). ``on_sent`` runs once the write is done, before
+        any reply: what was written reaches Redis ahead of anything the process sends after.
+        A NOSCRIPT reply (Redis restarted, SCRIPT FLUSH) means that call did not run: the script is
+        loaded and the call redone. A dropped pooled connection is retried once on a fresh one;
+        the scripts are idempotent by request id, so a call that did run is not applied twice."""
+        results = await self._on_connection(calls, on_sent)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
-            # Redis restarted or SCRIPT FLUSH: the calls that hit NOSCRIPT did not run; load and redo.
             for script in {calls[i][0].name: calls[i][0] for i in missing}.values():
                 await self.client.script_load(script.body)
-            redo = await run([calls[i] for i in missing])
+            redo = await self._on_connection([calls[i] for i in missing])
             for i, r in zip(missing, redo, strict=True):
                 results[i] = r
         return results
 
-    async def _call(self, name: str, args: list[Any], *, batch: bool = True) -> Any:
+    async def _on_connection(self, calls: list[tuple[_Script, list[Any]]],
+                             on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
+        pool = self.client.connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(
+                    conn.pack_commands([("EVALSHA", s.sha, 0, *a) for s, a in calls]))
+                on_sent()
+                results: list[Any] = []
+                for _ in calls:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:
+                        results.append(exc)
+                return results
+            except (RedisConnectionError, OSError):
+                await conn.disconnect()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                await conn.disconnect()  # replies left unread: the connection is out of step
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
+
+    async def _call(self, name: str, args: list[Any], *, batch: bool = True,
+                    sent: asyncio.Future | None = None) -> Any:
+        """``sent`` (optional) is resolved once the call has been written to Redis, or gets the
+        error when it could not be."""
         script = _SCRIPTS[name]
         try:
             async with asyncio.timeout(self.timeout_s):
                 if batch and self.group_commit:
-                    result = await self._batcher.submit(script, args)
+                    result = await self._batcher.submit(script, args, sent)
                 else:
-                    result = await self._evalsha_direct(script, args)
+                    result = (await self._roundtrip([(script, args)], lambda: _mark_sent(sent, None)))[0]
         except (RedisError, OSError, TimeoutError) as exc:
+            _mark_sent(sent, exc)
             raise _unavailable(exc) from exc
+        except BaseException as exc:
+            _mark_sent(sent, exc)
+            raise
         if isinstance(result, BaseException):
             if isinstance(result, (RedisError, OSError)):
                 raise _unavailable(result) from result

@@ -52,6 +52,7 @@ CONCURRENCY_LIMIT_EXCEEDED = "concurrency_limit_exceeded"
 INSUFFICIENT_QUOTA = "insufficient_quota"
 INSUFFICIENT_CREDITS = "insufficient_credits"
 SPEND_LIMIT_EXCEEDED = "spend_limit_exceeded"
+KEY_SUSPENDED = "api_key_suspended"  # over its velocity limit, suspension on its way to SQL
 BALANCE_MISSING = "balance_missing"
 
 
@@ -155,9 +156,11 @@ class CounterStore(ScriptCaller):
             result = _parse_admit(req, await self._call("admit", args))
         return result
 
-    async def settle(self, req: SettleRequest) -> SettleResult:
+    async def settle(self, req: SettleRequest, sent: asyncio.Future | None = None) -> SettleResult:
         """Release the lease and settle quota or credits in one round trip; idempotent. A charge's
-        ledger row goes into the ledger stream in the same step (``streams.py`` drains it to SQL)."""
+        ledger row goes into the ledger stream in the same step (``streams.py`` drains it to SQL).
+        ``sent`` resolves once the call is written to Redis: from then on Redis applies it before
+        any call this process (or a client it answers) makes afterwards."""
         vw = int(req.velocity_window_s or 0)
         vmax = req.velocity_max_micro
         if vmax is None:
@@ -174,7 +177,11 @@ class CounterStore(ScriptCaller):
             max(0, int(req.replay_ttl_s)),
             req.reason[:500],
         ]
-        return _parse_settle(await self._call("settle", args))
+        return _parse_settle(await self._call("settle", args, sent=sent))
+
+    async def lift_velocity_stop(self, key_id: str) -> None:
+        """The key's suspension is in SQL and announced: admission no longer needs its mark."""
+        await self._cmd(self.client.delete(self._k("velstop", key_id)))
 
     async def renew_lease(self, key_id: str, request_id: str, lease_ttl_s: float) -> bool:
         """Push a live lease's expiry to server-now + ttl (long streams); False if it is gone."""

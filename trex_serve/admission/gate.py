@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,6 +78,8 @@ class Gate(Protocol):
         """False when this front-assigned request id arrived before: a replay."""
         ...
 
-    async def settle(self, ticket: Ticket, settlement: Settlement) -> int:
-        """Release the lease and bill; returns micro-credits charged."""
+    async def settle(self, ticket: Ticket, settlement: Settlement, sent: asyncio.Future | None = None) -> int:
+        """Release the lease and bill; returns micro-credits charged. ``sent``, when given, is
+        resolved as soon as the settlement has left for the counter store (before its reply): the
+        counter store applies it before anything the client sends after reading its answer."""
         ...

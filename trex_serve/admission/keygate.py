@@ -276,6 +276,8 @@ class KeyGate:
                                   headers=headers)
         if code == "insufficient_credits":
             raise PaymentRequired("Not enough Compute Credits for this request.", headers=headers)
+        if code == "api_key_suspended":  # over its velocity limit; the suspension is on its way to SQL
+            raise AuthError("This API key is suspended.", code="api_key_suspended")
         from trex_serve.errors import ServiceUnavailable
         raise ServiceUnavailable(f"Admission failed ({code}).", code="admission_unavailable")
 
@@ -308,7 +310,7 @@ class KeyGate:
         except ServiceUnavailable:
             return True
 
-    async def settle(self, ticket: Ticket, settlement: Settlement) -> int:
+    async def settle(self, ticket: Ticket, settlement: Settlement, sent: asyncio.Future | None = None) -> int:
         charge = 0
         model = self.catalog.model(settlement.public_model) if settlement.public_model else None
         if settlement.success and ticket.billing == "credits" and model is not None:
@@ -322,7 +324,8 @@ class KeyGate:
             velocity_max_micro=billing.micro_from_credits(velocity.max_credits) if velocity else None,
             replay_ttl_s=REPLAY_MARK_TTL_S if ticket.replayable else 0,
             # The charge's ledger row: settle.lua appends it to the ledger stream in the same step.
-            reason=f"{settlement.public_model} {settlement.prompt_tokens}+{settlement.completion_tokens} tokens"))
+            reason=f"{settlement.public_model} {settlement.prompt_tokens}+{settlement.completion_tokens} tokens"),
+            sent)
         ctx: KeyContext = ticket.principal.context
         if result.velocity_exceeded:
             await self._suspend(ctx, result.velocity_micro, velocity)
@@ -336,3 +339,6 @@ class KeyGate:
             self.suspensions += 1
             self.invalidate("key", ctx.key_id)
             await self.counters.publish_invalidation("key", ctx.key_id)
+        # Suspended in SQL and announced (or no longer active anyway): authentication refuses the
+        # key now, so admission's stop mark (settle.lua) can go — an operator may reinstate it.
+        await self.counters.lift_velocity_stop(ctx.key_id)

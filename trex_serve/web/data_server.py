@@ -74,9 +74,15 @@ class DataServer:
                 answer = await self._answer(request, pipeline, secret)
             except Exception as exc:  # every refusal leaves as the OpenAI envelope
                 return _error(as_trex_error(exc))
+            if answer.settling is not None:  # still in flight until settled (drain waits for it)
+                self.inflight += 1
+                answer.settling.add_done_callback(self._settled)
             return await _write(request, answer)
         finally:
             self.inflight -= 1
+
+    def _settled(self, _task: object) -> None:
+        self.inflight -= 1
 
     async def _answer(self, request: web.BaseRequest, pipeline: Pipeline, secret: str) -> Answer:
         headers = request.headers

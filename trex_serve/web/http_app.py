@@ -3,12 +3,15 @@ answer. The Ray ingress deployment wraps this same app."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,8 +48,15 @@ def render(answer: Answer) -> Response:
     if answer.stream is not None:
         return StreamingResponse(answer.stream, status_code=answer.status, headers=stream_headers(answer),
                                  media_type=answer.media_type)
+    # A settlement still finishing is awaited after the answer is sent, inside the request.
+    background = BackgroundTask(_finish, answer.settling) if answer.settling is not None else None
     return Response(answer.body, status_code=answer.status, headers=answer.headers,
-                    media_type=answer.media_type)
+                    media_type=answer.media_type, background=background)
+
+
+async def _finish(settling: asyncio.Task) -> None:
+    with contextlib.suppress(Exception):  # logged where it failed (answers.py)
+        await settling
 
 
 def error_response(exc: TrexError, request_id: str | None = None) -> Response:

@@ -48,6 +48,13 @@ if prior then
   return {1, '', 0, b, r.s, tonumber(r.r), -1, rpm, -1, reset, {}, {}, 1}
 end
 
+-- A key whose settlement just crossed its velocity limit (settle.lua) is refused here until its
+-- suspension is in SQL and every replica's key cache: the answer that crossed the limit may reach
+-- the client before that suspension is written, and its next request must not get in.
+if redis.call('EXISTS', P .. 'velstop:' .. kid) == 1 then
+  return fail('api_key_suspended', 0, nil, 0)
+end
+
 -- Reap leases whose holder died (expired): settle them as failed, so their quota and credit
 -- reservations come back. Bounded per call; the rest are excluded from the count below anyway.
 local expired = redis.call('ZRANGEBYSCORE', lease_key, '-inf', now_ms, 'LIMIT', 0, 32)

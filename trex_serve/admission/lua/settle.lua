@@ -4,7 +4,8 @@
 -- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro,
 -- 9 replay_ttl_s (0 = none): keep a mark of a successful settlement this long, so a replay of the
 -- same request id (the front proxy retrying on another replica) is served without a second charge.
--- 10 ledger reason (text of the charge row).
+-- 10 ledger reason (text of the charge row). A key the charge takes over its velocity limit is
+-- marked ({P}velstop:{key}) so that admit.lua refuses it before its suspension reaches SQL.
 -- A charge is appended to the ledger stream ({P}stream:ledger) in this same atomic step, and counted
 -- in {P}unbooked:{account} until a drainer has committed it to SQL (streams.py): a charge settled
 -- here reaches the SQL ledger even if this replica dies the next moment.
@@ -48,6 +49,11 @@ if vw > 0 and vmax >= 0 and charged > 0 then
   vsum = redis.call('INCRBY', sk, I(charged))
   redis.call('PEXPIRE', zk, I(vw * 1000 + 1000))
   redis.call('PEXPIRE', sk, I(vw * 1000 + 1000))
-  if vsum > vmax then exceeded = 1 end
+  if vsum > vmax then
+    exceeded = 1
+    -- admit.lua refuses the key from now on; the gateway lifts this once the suspension is in SQL
+    -- and announced (the expiry bounds it if that never happens)
+    redis.call('SET', P .. 'velstop:' .. r[5], '1', 'EX', 30)
+  end
 end
 return {1, r[1], charged, r[3], r[4], exceeded, vsum}
