@@ -30,9 +30,14 @@ def _rid() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture(params=[True, False], ids=["group-commit", "direct"])
+@pytest.fixture(params=[(True, True), (False, True), (True, False)],
+                ids=["group-commit", "direct", "group-commit-redis-py"])
 async def store(request, redis_url: str, key_prefix: str):
-    s = CounterStore.from_url(redis_url, key_prefix, group_commit=request.param)
+    """The script calls over the lean connection (lean_redis.py), grouped per event-loop turn or
+    one by one, and over redis-py's pool (what a TLS URL uses)."""
+    group_commit, lean = request.param
+    s = CounterStore.from_url(redis_url, key_prefix, group_commit=group_commit, lean=lean)
+    assert (s._lean is not None) == lean
     yield s
     await s.aclose()
 

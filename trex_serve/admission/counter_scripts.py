@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from trex_serve.admission.lean_redis import LeanRedis
 from trex_serve.errors import ServiceUnavailable
 
 _LUA_DIR = Path(__file__).resolve().parent / "lua"
@@ -148,6 +149,13 @@ class _Batcher:
 _Item = tuple[_Script, list[Any], asyncio.Future, "asyncio.Future | None"]
 
 
+def _no_script(reply: Any) -> Any:
+    """The lean connection's error replies are plain ``ResponseError``s; NOSCRIPT gets its class."""
+    if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+        return NoScriptError(str(reply))
+    return reply
+
+
 def _mark_sent(sent: asyncio.Future | None, exc: BaseException | None) -> None:
     if sent is not None and not sent.done():
         if exc is None:
@@ -166,12 +174,16 @@ class ScriptCaller:
     ``timeout_s``, every Redis failure turned into ``counter_store_unavailable``."""
 
     def __init__(
-        self, client: aioredis.Redis, *, group_commit: bool, max_batch: int, timeout_s: float
+        self, client: aioredis.Redis, *, group_commit: bool, max_batch: int, timeout_s: float,
+        lean: bool = True,
     ) -> None:
+        """``lean``: the script calls go over :class:`LeanRedis` (when the URL allows it), not
+        redis-py's pool."""
         self.client = client
         self.group_commit = group_commit
         self.timeout_s = timeout_s
         self._batcher = _Batcher(self, max_batch)
+        self._lean = LeanRedis.for_client(client) if lean else None
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script (optional: NOSCRIPT is handled on first use anyway)."""
@@ -200,14 +212,29 @@ class ScriptCaller:
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
             for script in {calls[i][0].name: calls[i][0] for i in missing}.values():
-                await self.client.script_load(script.body)
+                await self._load(script)
             redo = await self._on_connection([calls[i] for i in missing])
             for i, r in zip(missing, redo, strict=True):
                 results[i] = r
         return results
 
+    async def _load(self, script: _Script) -> None:
+        if self._lean is None:
+            await self.client.script_load(script.body)
+            return
+        (reply,) = await self._lean.execute([("SCRIPT", "LOAD", script.body)])
+        if isinstance(reply, BaseException):
+            raise reply
+
     async def _on_connection(self, calls: list[tuple[_Script, list[Any]]],
                              on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
+        if self._lean is not None:
+            commands = [("EVALSHA", s.sha, 0, *a) for s, a in calls]
+            try:
+                results = await self._lean.execute(commands, on_sent)
+            except RedisConnectionError:  # a socket the server dropped while idle: once more, fresh
+                results = await self._lean.execute(commands, on_sent)
+            return [_no_script(r) for r in results]
         pool = self.client.connection_pool
         for attempt in (1, 2):
             conn = await pool.get_connection()

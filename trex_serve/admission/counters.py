@@ -84,8 +84,9 @@ class CounterStore(ScriptCaller):
         max_batch: int = 512,
         timeout_s: float = 5.0,
         record_ttl_s: int = 7 * 86400,
+        lean: bool = True,
     ) -> None:
-        super().__init__(client, group_commit=group_commit, max_batch=max_batch, timeout_s=timeout_s)
+        super().__init__(client, group_commit=group_commit, max_batch=max_batch, timeout_s=timeout_s, lean=lean)
         self.prefix = prefix
         # Set when shutting down: background loops end on it even if redis-py swallows a cancellation.
         self.closing = False
@@ -104,6 +105,8 @@ class CounterStore(ScriptCaller):
 
     async def aclose(self) -> None:
         self.closing = True
+        if self._lean is not None:
+            self._lean.close()
         await self.client.aclose()
 
     # -- keys -----------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def install_ingress() -> None:
         return
     from fastapi import FastAPI
 
+    from trex_serve.admission.counters import CounterStore
     from trex_serve.admission.keygate import KeyGate
     from trex_serve.hop.relay import HttpRelay
     from trex_serve.pipeline import Pipeline
@@ -66,7 +67,10 @@ def install_ingress() -> None:
     _wrap_async(DataServer, "_handle", "data server handler (first byte in .. answer written)")
     _wrap_async(KeyGate, "authenticate", "auth")
     _wrap_async(KeyGate, "admit", "admit (Lua)")
-    _wrap_async(KeyGate, "settle", "settle (Lua)")
+    _wrap_async(KeyGate, "settle", "settle (Lua; after the answer since 33b7375)")
+    _wrap_async(CounterStore, "admit", "admit: the counter store's round trip")
+    _wrap_async(Pipeline, "_routes", "routes + provider keys")
+    _wrap_async(Pipeline, "_settle_before_answer", "settlement written (before the answer)")
     _wrap_async(Pipeline, "chat", "pipeline.chat")
     _wrap_async(Pipeline, "_front", "parse + validate + auth + resolve")
     _wrap_async(HttpRelay, "__call__", "relay (choice + hop + pool + upstream)")

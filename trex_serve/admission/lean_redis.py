@@ -1,0 +1,163 @@
+"""A lean, multiplexed Redis connection for the counter scripts (admission, settlement, the
+failed-auth throttle): one socket per process, commands written the moment they are handed over,
+replies matched to callers in the order Redis sends them (RESP is in order per connection), parsed
+by hiredis. redis-py's pooled path spent ~75 µs of Python before the bytes of one script call left
+(pool lock and bookkeeping, health checks, a stream reader, a timeout per read): on the hot path
+twice per request (docs/BENCHMARKS.md). Every other Redis command stays on redis-py.
+
+Plain TCP and Unix-socket URLs only (``redis://``, ``unix://``, with a user, a password and a
+database); anything else (TLS) makes :meth:`LeanRedis.for_client` answer None and the caller
+keeps redis-py's path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+
+def pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP: an array of bulk strings (str, bytes, int and float arguments)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Resp(asyncio.Protocol):
+    def __init__(self, encoding: str | None) -> None:
+        kwargs: dict[str, Any] = {"replyError": ResponseError}
+        if encoding:
+            kwargs["encoding"] = encoding
+        self._reader = hiredis.Reader(**kwargs)
+        self._waiting: deque[asyncio.Future] = deque()
+        self._transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:  # out of step with the server: nothing read is trustworthy
+                self._fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                return
+            if reply is False:
+                return
+            fut = self._waiting.popleft()
+            if not fut.done():  # a caller that gave up (its timeout) still had its reply in line
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
+
+    def _fail(self, err: Exception) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+
+    def send(self, payload: bytes, replies: int) -> list[asyncio.Future]:
+        if self.closed or self._transport is None:
+            raise RedisConnectionError("Redis connection closed")
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in range(replies)]
+        self._waiting.extend(futs)
+        self._transport.write(payload)
+        return futs
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+
+class LeanRedis:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None, db: int = 0,
+                 username: str | None = None, password: str | None = None, encoding: str | None = "utf-8",
+                 connect_timeout_s: float = 2.0) -> None:
+        self.host, self.port, self.path, self.db = host, port, path, int(db or 0)
+        self.username, self.password = username, password
+        self.encoding = encoding
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: _Resp | None = None
+        self._connecting: asyncio.Task | None = None
+
+    @classmethod
+    def for_client(cls, client: aioredis.Redis) -> LeanRedis | None:
+        """The same server, database and credentials as ``client`` (a redis-py client made from a
+        URL), or None when its connections are of a kind this class does not speak (TLS)."""
+        pool = client.connection_pool
+        kw = pool.connection_kwargs
+        common = {"db": kw.get("db", 0), "username": kw.get("username"), "password": kw.get("password"),
+                  "encoding": kw.get("encoding", "utf-8") if kw.get("decode_responses") else None,
+                  "connect_timeout_s": kw.get("socket_connect_timeout") or 2.0}
+        if pool.connection_class is Connection:
+            return cls(host=kw.get("host", "localhost"), port=int(kw.get("port", 6379)), **common)
+        if pool.connection_class is UnixDomainSocketConnection:
+            return cls(path=kw["path"], **common)
+        return None
+
+    async def _connection(self) -> _Resp:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        if self._connecting is None:  # one connect for every caller that finds the socket down
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        task = self._connecting
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._connecting is task:
+                self._connecting = None
+
+    async def _connect(self) -> _Resp:
+        loop = asyncio.get_running_loop()
+        proto = _Resp(self.encoding)
+        async with asyncio.timeout(self.connect_timeout_s):
+            try:
+                if self.path is not None:
+                    await loop.create_unix_connection(lambda: proto, self.path)
+                else:
+                    await loop.create_connection(lambda: proto, self.host, self.port)
+            except OSError as exc:
+                raise RedisConnectionError(f"cannot connect to Redis: {exc}") from exc
+            hello: list[list[Any]] = []
+            if self.password:
+                hello.append(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password])
+            if self.db:
+                hello.append(["SELECT", self.db])
+            if hello:
+                for reply in await asyncio.gather(*proto.send(b"".join(pack(c) for c in hello), len(hello))):
+                    if isinstance(reply, ResponseError):
+                        proto.close()
+                        raise reply
+        self._conn = proto
+        return proto
+
+    async def execute(self, commands: Sequence[Sequence[Any]], on_sent: Any = None) -> list[Any]:
+        """Write ``commands`` in one go and return their replies in order (an error reply in its
+        place, as a ``ResponseError``). ``on_sent()`` runs right after the write."""
+        conn = await self._connection()
+        futs = conn.send(b"".join(pack(c) for c in commands), len(commands))
+        if on_sent is not None:
+            on_sent()
+        return [await f for f in futs]
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
