@@ -12,8 +12,9 @@ keeps redis-py's path."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -32,13 +33,25 @@ def pack(args: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
+Handler = Callable[[Any, BaseException | None], None]  # (reply, None) or (None, connection error)
+
+
+def _resolve(fut: asyncio.Future, reply: Any, err: BaseException | None) -> None:
+    if fut.done():  # a caller that gave up (its timeout) still had its reply in line
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(reply)
+
+
 class _Resp(asyncio.Protocol):
     def __init__(self, encoding: str | None) -> None:
         kwargs: dict[str, Any] = {"replyError": ResponseError}
         if encoding:
             kwargs["encoding"] = encoding
         self._reader = hiredis.Reader(**kwargs)
-        self._waiting: deque[asyncio.Future] = deque()
+        self._waiting: deque[Handler] = deque()  # one per reply still due, in the order sent
         self._transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -55,9 +68,7 @@ class _Resp(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            fut = self._waiting.popleft()
-            if not fut.done():  # a caller that gave up (its timeout) still had its reply in line
-                fut.set_result(reply)
+            self._waiting.popleft()(reply, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
@@ -67,17 +78,20 @@ class _Resp(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         while self._waiting:
-            fut = self._waiting.popleft()
-            if not fut.done():
-                fut.set_exception(err)
+            self._waiting.popleft()(None, err)
 
-    def send(self, payload: bytes, replies: int) -> list[asyncio.Future]:
+    def send(self, payload: bytes, handlers: Sequence[Handler]) -> None:
+        """Write ``payload`` (one command per handler); each handler is called with its reply, or
+        with the error that lost the connection, as soon as it is read."""
         if self.closed or self._transport is None:
             raise RedisConnectionError("Redis connection closed")
+        self._transport.write(payload)  # first: a write that raises leaves no handler waiting
+        self._waiting.extend(handlers)
+
+    def send_awaitable(self, payload: bytes, replies: int) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futs = [loop.create_future() for _ in range(replies)]
-        self._waiting.extend(futs)
-        self._transport.write(payload)
+        self.send(payload, [functools.partial(_resolve, f) for f in futs])
         return futs
 
     def close(self) -> None:
@@ -141,18 +155,34 @@ class LeanRedis:
             if self.db:
                 hello.append(["SELECT", self.db])
             if hello:
-                for reply in await asyncio.gather(*proto.send(b"".join(pack(c) for c in hello), len(hello))):
+                for reply in await asyncio.gather(*proto.send_awaitable(b"".join(pack(c) for c in hello),
+                                                                        len(hello))):
                     if isinstance(reply, ResponseError):
                         proto.close()
                         raise reply
         self._conn = proto
         return proto
 
+    def ready(self) -> _Resp | None:
+        """The open connection, when there is one: a write on it needs no await."""
+        conn = self._conn
+        return conn if conn is not None and not conn.closed else None
+
+    def send_now(self, commands: Sequence[Sequence[Any]], handlers: Sequence[Handler]) -> bool:
+        """Write ``commands`` at once on the open connection, each reply going to its handler (an
+        error reply as a ``ResponseError``, a lost connection as the handler's error); False when
+        no connection is open (then :meth:`execute` connects)."""
+        conn = self.ready()
+        if conn is None:
+            return False
+        conn.send(b"".join(pack(c) for c in commands), handlers)
+        return True
+
     async def execute(self, commands: Sequence[Sequence[Any]], on_sent: Any = None) -> list[Any]:
         """Write ``commands`` in one go and return their replies in order (an error reply in its
         place, as a ``ResponseError``). ``on_sent()`` runs right after the write."""
         conn = await self._connection()
-        futs = conn.send(b"".join(pack(c) for c in commands), len(commands))
+        futs = conn.send_awaitable(b"".join(pack(c) for c in commands), len(commands))
         if on_sent is not None:
             on_sent()
         return [await f for f in futs]
