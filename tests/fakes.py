@@ -30,6 +30,7 @@ class CountingGate:
         # reply comes after another; ``events`` says which has happened.
         self.settle_lag_s = 0.0
         self.settle_error: Exception | None = None  # raised before the call could be written
+        self.reply_error: Exception | None = None  # raised after it was written (the reply lost)
         self.events: list[str] = []
 
     async def authenticate(self, authorization, client_ip) -> Principal:
@@ -57,6 +58,8 @@ class CountingGate:
             sent.set_result(None)
             self.events.append("settle sent")
         await asyncio.sleep(self.settle_lag_s)
+        if self.reply_error is not None:
+            raise self.reply_error
         self.events.append("settle replied")
         return 0
 
@@ -67,7 +70,8 @@ async def data_path_client(catalog, policy: HealthPolicy | None = None,
     """The data path alone, in process: HTTP front end → pipeline → relay hop (real HTTP) → pool
     server, with this open gate and a health tracker fed by the pool's outcome reports. ``front``
     is the FastAPI app (``"fastapi"``, through ASGI) or the direct data server (``"direct"``, over
-    real HTTP, called as the front proxy calls it). The client carries ``.gate`` and ``.tracker``."""
+    real HTTP, called as the front proxy calls it). The client carries ``.gate``, ``.tracker`` and
+    ``.records`` (the request records the pipeline wrote)."""
     tracker = HealthTracker(policy)
     planner = Planner(policy)
     version = 0
@@ -86,8 +90,9 @@ async def data_path_client(catalog, policy: HealthPolicy | None = None,
 
     relay = HttpRelay(pick, "s3cret")
     gate = CountingGate(catalog)
+    records: list = []
     pipeline = Pipeline(catalog, Settings(max_body_bytes=64 * 1024, secret_key="test-secret-key"), gate, relay,
-                        planner)
+                        planner, records.append)
 
     async def ref():
         return pipeline
@@ -104,6 +109,7 @@ async def data_path_client(catalog, policy: HealthPolicy | None = None,
         async with client:
             client.gate = gate
             client.tracker = tracker
+            client.records = records
             yield client
     finally:
         await relay.close()

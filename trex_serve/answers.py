@@ -209,11 +209,17 @@ class Answers:
         charged = 0
         if call.ticket is not None:
             target = call.served
-            with tracing.step(call, "trex.settlement"):
-                charged = await self.gate.settle(call.ticket, Settlement(
-                    ok, usage.prompt_tokens, usage.completion_tokens,
-                    target.provider if target else None, target.upstream_model if target else None,
-                    target.model.id if target else None), sent)
+            try:
+                with tracing.step(call, "trex.settlement"):
+                    charged = await self.gate.settle(call.ticket, Settlement(
+                        ok, usage.prompt_tokens, usage.completion_tokens,
+                        target.provider if target else None, target.upstream_model if target else None,
+                        target.model.id if target else None), sent)
+            except Exception:
+                if not _written(sent):
+                    raise  # the answer has not left: the request fails (503) as it always did
+                # The answer has left: its record is still written; the lease is reaped as failed.
+                log.exception("settlement of %s failed after its answer was sent", call.request_id)
             call.ticket.lease_id = None
         self._emit(call, status, error, usage, charged)
 
@@ -233,6 +239,10 @@ class Answers:
             stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts))
         tracing.finish(call, rec)
         self.record(rec)
+
+
+def _written(sent: asyncio.Future | None) -> bool:
+    return sent is not None and sent.done() and not sent.cancelled() and sent.exception() is None
 
 
 def _report_late_failure(task: asyncio.Task) -> None:

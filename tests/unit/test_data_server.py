@@ -70,3 +70,16 @@ async def test_a_settlement_that_cannot_be_sent_fails_the_request_as_before(dire
     direct.gate.settle_error = ServiceUnavailable("counter store unavailable", code="counter_store_unavailable")
     r = await direct.post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 503 and r.json()["error"]["code"] == "counter_store_unavailable"
+
+
+async def test_a_settlement_lost_after_the_answer_left_still_leaves_its_record(direct):
+    direct.gate.reply_error = ServiceUnavailable("counter store unavailable", code="counter_store_unavailable")
+    r = await direct.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    rid = r.headers["x-trex-request-id"]
+    for _ in range(100):
+        if any(rec.request_id == rid for rec in direct.records):
+            break
+        await asyncio.sleep(0.02)
+    (rec,) = [rec for rec in direct.records if rec.request_id == rid]
+    assert rec.status == 200 and rec.credits_charged == 0
