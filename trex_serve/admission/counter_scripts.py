@@ -192,6 +192,10 @@ def _no_script(reply: Any) -> Any:
     return reply
 
 
+def _evalshas(calls: list[tuple[_Script, list[Any]]]) -> list[tuple[Any, ...]]:
+    return [("EVALSHA", s.sha, 0, *a) for s, a in calls]
+
+
 def _mark_sent(sent: asyncio.Future | None, exc: BaseException | None) -> None:
     if sent is not None and not sent.done():
         if exc is None:
@@ -238,11 +242,12 @@ class ScriptCaller:
 
     async def _roundtrip(self, calls: list[tuple[_Script, list[Any]]],
                          on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
-        """EVALSHA each call in one write on one pooled connection and read the replies in order
-        (an error reply is returned in its place). ``on_sent`` runs once the write is done, before
-        any reply: what was written reaches Redis ahead of anything the process sends after.
+        """EVALSHA each call in one write (the lean connection, or one of redis-py's pooled ones)
+        and read the replies in order (an error reply is returned in its place). ``on_sent`` runs
+        once the write is done, before any reply: what was written reaches Redis ahead of anything
+        the process sends after.
         A NOSCRIPT reply (Redis restarted, SCRIPT FLUSH) means that call did not run: the script is
-        loaded and the call redone. A dropped pooled connection is retried once on a fresh one;
+        loaded and the call redone. A dropped connection is retried once on a fresh one;
         the scripts are idempotent by request id, so a call that did run is not applied twice."""
         results = await self._on_connection(calls, on_sent)
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
@@ -259,8 +264,7 @@ class ScriptCaller:
 
     def _write_now(self, calls: list[tuple[_Script, list[Any]]], handlers: list[Any]) -> bool:
         """Write the calls on the open lean connection, synchronously; False when there is none."""
-        return self._lean is not None and self._lean.send_now(
-            [("EVALSHA", s.sha, 0, *a) for s, a in calls], handlers)
+        return self._lean is not None and self._lean.send_now(_evalshas(calls), handlers)
 
     async def _load(self, script: _Script) -> None:
         if self._lean is None:
@@ -272,8 +276,8 @@ class ScriptCaller:
 
     async def _on_connection(self, calls: list[tuple[_Script, list[Any]]],
                              on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
+        commands = _evalshas(calls)
         if self._lean is not None:
-            commands = [("EVALSHA", s.sha, 0, *a) for s, a in calls]
             try:
                 results = await self._lean.execute(commands, on_sent)
             except RedisConnectionError:  # a socket the server dropped while idle: once more, fresh
@@ -283,8 +287,7 @@ class ScriptCaller:
         for attempt in (1, 2):
             conn = await pool.get_connection()
             try:
-                await conn.send_packed_command(
-                    conn.pack_commands([("EVALSHA", s.sha, 0, *a) for s, a in calls]))
+                await conn.send_packed_command(conn.pack_commands(commands))
                 on_sent()
                 results: list[Any] = []
                 for _ in calls:
@@ -315,11 +318,10 @@ class ScriptCaller:
                     result = await self._batcher.submit(script, args, sent)
                 else:
                     result = (await self._roundtrip([(script, args)], lambda: _mark_sent(sent, None)))[0]
-        except (RedisError, OSError, TimeoutError) as exc:
-            _mark_sent(sent, exc)
-            raise _unavailable(exc) from exc
         except BaseException as exc:
             _mark_sent(sent, exc)
+            if isinstance(exc, (RedisError, OSError, TimeoutError)):
+                raise _unavailable(exc) from exc
             raise
         if isinstance(result, BaseException):
             if isinstance(result, (RedisError, OSError)):
