@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -132,8 +132,8 @@ class Answers:
     async def _success(self, call: Call, resp: hop.HopResponse) -> Answer:
         if resp.chunks is None:
             call.ttfb_ms = (time.monotonic() - call.started) * 1000
-            usage = Usage.from_header(resp.headers.get(hop.H_USAGE)) or Usage(
-                call.ticket.prompt_estimate if call.ticket else 0, estimate_text(resp.body), True)
+            usage = Usage.from_header(resp.headers.get(hop.H_USAGE)) or Usage.counted(
+                call.ticket.prompt_estimate if call.ticket else 0, estimate_text(resp.body))
             body = resp.body
             if call.translate:
                 body = orjson.dumps(chat_to_response(body, call.response_request or {}))
@@ -159,15 +159,14 @@ class Answers:
         finally:
             if resp.close is not None:
                 await resp.close()
-            parsed = parse_usage_comment(tail)
-            if parsed is not None:
-                usage = Usage(*parsed)
+            usage = parse_usage_comment(tail)
+            if usage is not None:
                 if usage.estimated and not usage.prompt_tokens and call.ticket is not None:
-                    usage = Usage(call.ticket.prompt_estimate, usage.completion_tokens, True)
+                    usage = replace(usage, input_tokens=call.ticket.prompt_estimate)
             else:
                 # Cut short (client gone or pool lost): bill what was delivered, by a count.
                 prompt = call.ticket.prompt_estimate if call.ticket else 0
-                usage = Usage(prompt, delivered // 2 // CHARS_PER_TOKEN, True)
+                usage = Usage.counted(prompt, delivered // 2 // CHARS_PER_TOKEN)
             status = 200 if completed else 499
             # Shielded: a client disconnect cancels this generator, settlement must still land.
             await asyncio.shield(self._settle(call, True, usage, status, None if completed else "client_closed"))
@@ -212,8 +211,7 @@ class Answers:
             try:
                 with tracing.step(call, "trex.settlement"):
                     charged = await self.gate.settle(call.ticket, Settlement(
-                        ok, usage.prompt_tokens, usage.completion_tokens,
-                        target.provider if target else None, target.upstream_model if target else None,
+                        ok, usage, target.provider if target else None, target.upstream_model if target else None,
                         target.model.id if target else None), sent)
             except Exception:
                 if not _written(sent):
@@ -237,6 +235,9 @@ class Answers:
             tokens_in=usage.prompt_tokens if usage else 0, tokens_out=usage.completion_tokens if usage else 0,
             billing=call.ticket.billing if call.ticket else None, credits_charged=charged,
             stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts))
+        if usage is not None:
+            rec.tokens_cache_read, rec.tokens_cache_write = usage.cache_read_tokens, usage.cache_write_tokens
+            rec.tokens_cache_write_1h, rec.tokens_reasoning = usage.cache_write_1h_tokens, usage.reasoning_tokens
         tracing.finish(call, rec)
         self.record(rec)
 

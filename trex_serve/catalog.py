@@ -137,6 +137,9 @@ class Plan(_Strict):
     long_context_tokens: int | None = Field(default=None, ge=1)
     premium: bool = False
     standard_uses_quota: bool = True
+    # What the daily token quota (and TPM) count: every input and output token ("all"), or all but
+    # cache reads ("uncached"), for plans that pass prompt caching's savings on to the quota.
+    quota_tokens: Literal["all", "uncached"] = "all"
 
     @property
     def max_concurrency(self) -> int:

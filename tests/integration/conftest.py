@@ -22,6 +22,11 @@ PLAN = """
     burst_concurrency: 1
     daily_quota: {requests: 2, tokens: 100000}
     premium: false
+  - name: cache-friendly
+    rpm: 1000
+    concurrency: 50
+    daily_quota: {requests: 1000, tokens: 10000000}
+    quota_tokens: uncached
 """
 
 

@@ -10,6 +10,7 @@ import pytest
 from trex_serve.catalog import Provider
 from trex_serve.providers import adapter_for
 from trex_serve.providers.sse import parse_usage_comment
+from trex_serve.providers.usage import Usage
 
 PROVIDER = Provider(name="claude", base_url="https://api.anthropic.com/v1/", format="anthropic")
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -237,7 +238,7 @@ def test_stream_translates_text_and_tool_call_events(adapter):
     assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
     assert parsed[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert not any("usage" in c for c in parsed)  # the client did not ask for it
-    assert parse_usage_comment(out) == (25, 57, False)
+    assert parse_usage_comment(out) == Usage(25, 57, False)
     assert (t.usage.prompt_tokens, t.usage.completion_tokens) == (25, 57)
 
 
@@ -253,8 +254,8 @@ def test_stream_cut_short_estimates_usage_and_sends_no_done(adapter):
     cut = STREAM[:STREAM.index(b"event: content_block_stop")]
     out, t = run_stream(adapter, cut, want_usage=True)
     assert b"[DONE]" not in out and b'"usage"' not in out
-    prompt, completion, estimated = parse_usage_comment(out)
-    assert prompt == 25 and estimated and t.usage.estimated
+    usage = parse_usage_comment(out)
+    assert usage.prompt_tokens == 25 and usage.estimated and t.usage.estimated
 
 
 def test_stream_error_event_becomes_error_chunk(adapter):

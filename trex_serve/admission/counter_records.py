@@ -94,6 +94,7 @@ class SettleRequest:
     now: float | None = None
     replay_ttl_s: int = 0  # > 0: mark a successful settlement so a replay of this id is not charged again
     reason: str = ""  # text of the ledger row a charge appends (lua/settle.lua)
+    usage: dict[str, int] | None = None  # tokens by class (Usage.classes()), kept on the ledger row
 
 
 @dataclass(slots=True)

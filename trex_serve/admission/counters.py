@@ -28,6 +28,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
@@ -179,6 +180,7 @@ class CounterStore(ScriptCaller):
             int(vmax or 0),
             max(0, int(req.replay_ttl_s)),
             req.reason[:500],
+            orjson.dumps(req.usage).decode() if req.usage else "",
         ]
         return _parse_settle(await self._call("settle", args, sent=sent))
 

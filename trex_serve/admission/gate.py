@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from trex_serve.providers.usage import Usage
 from trex_serve.routing.resolve import Resolution
 
 
@@ -54,11 +55,18 @@ class Ticket:
 @dataclass
 class Settlement:
     success: bool
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)  # tokens by class, as the provider reported them
     provider: str | None = None
     upstream_model: str | None = None
     public_model: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens
 
 
 class Gate(Protocol):

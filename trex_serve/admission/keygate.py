@@ -17,6 +17,7 @@ from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequ
 from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.billing import pricing as billing
+from trex_serve.billing.prices import PriceBook
 from trex_serve.catalog import Catalog, Plan
 from trex_serve.errors import (
     AuthError,
@@ -56,6 +57,7 @@ class KeyGate:
         self.counters = counters
         self.auth_failures_per_minute = auth_failures_per_minute
         self.risk_event = risk_event or (lambda _row: None)
+        self.prices = PriceBook(catalog)
         self._cache: dict[str, tuple[KeyContext, float]] = {}
         self._secrets: dict[tuple[str, str, str], str | None] = {}
         self._parsed_risk: dict[int, tuple[KeyContext, RiskSettings | None, RiskSettings | None]] = {}
@@ -313,18 +315,22 @@ class KeyGate:
     async def settle(self, ticket: Ticket, settlement: Settlement, sent: asyncio.Future | None = None) -> int:
         charge = 0
         model = self.catalog.model(settlement.public_model) if settlement.public_model else None
+        usage = settlement.usage
         if settlement.success and ticket.billing == "credits" and model is not None:
-            charge = billing.cost_micro(settlement.prompt_tokens, settlement.completion_tokens,
-                                        model.price.input_per_mtok, model.price.output_per_mtok)
+            prices = self.prices.for_target(model, settlement.provider, settlement.upstream_model,
+                                            ticket.principal.plan)
+            charge = billing.charge_micro(usage, prices)
         velocity = ticket.state.get("velocity")
+        plan = self._plan(ticket.principal)
         result = await self.counters.settle(SettleRequest(
             request_id=ticket.request_id, success=settlement.success,
-            tokens_in=settlement.prompt_tokens, tokens_out=settlement.completion_tokens, charge_micro=charge,
+            tokens_in=usage.prompt_tokens - (usage.cache_read_tokens if plan.quota_tokens == "uncached" else 0),
+            tokens_out=usage.completion_tokens, charge_micro=charge, usage=usage.classes(),
             velocity_window_s=velocity.window_s if velocity else None,
             velocity_max_micro=billing.micro_from_credits(velocity.max_credits) if velocity else None,
             replay_ttl_s=REPLAY_MARK_TTL_S if ticket.replayable else 0,
             # The charge's ledger row: settle.lua appends it to the ledger stream in the same step.
-            reason=f"{settlement.public_model} {settlement.prompt_tokens}+{settlement.completion_tokens} tokens"),
+            reason=f"{settlement.public_model} {usage.summary()}"),
             sent)
         ctx: KeyContext = ticket.principal.context
         if result.velocity_exceeded:

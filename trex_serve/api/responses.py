@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from trex_serve.providers.usage import Usage
+
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -161,15 +163,9 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def responses_usage(usage: Any) -> dict[str, Any] | None:
-    if not isinstance(usage, dict):
-        return None
-    inp = int(usage.get("prompt_tokens") or 0)
-    out = int(usage.get("completion_tokens") or 0)
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    reasoning = int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": int(usage.get("total_tokens") or inp + out)}
+    """A chat completion's usage in the Responses API's fields, token classes kept."""
+    record = Usage.from_openai(usage)
+    return record.openai_responses() if record is not None else None
 
 
 def _echo_tools(request: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
+from trex_serve.providers.usage import Usage
+
 MICRO_PER_CREDIT = 1_000_000
 
 # Output tokens reserved when a request names no max_tokens (the caller may pass its own default).
@@ -53,6 +55,30 @@ def cost_micro(
     if p_in < 0 or p_out < 0:
         raise ValueError("prices must be >= 0")
     total = Decimal(int(tokens_in)) * p_in + Decimal(int(tokens_out)) * p_out
+    return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+@dataclass(frozen=True, slots=True)
+class ClassPrices:
+    """Credits per 1M tokens for each token class a provider bills apart (see providers/usage.py)."""
+
+    input: Decimal
+    output: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    cache_write_1h: Decimal
+    reasoning: Decimal
+
+
+def charge_micro(usage: Usage, prices: ClassPrices) -> int:
+    """Micro-credits for a usage, each token class at its own price, rounded up once."""
+    reasoning = min(max(0, usage.reasoning_tokens), max(0, usage.output_tokens))
+    total = (Decimal(max(0, usage.input_tokens)) * prices.input
+             + Decimal(max(0, usage.cache_read_tokens)) * prices.cache_read
+             + Decimal(max(0, usage.cache_write_tokens)) * prices.cache_write
+             + Decimal(max(0, usage.cache_write_1h_tokens)) * prices.cache_write_1h
+             + Decimal(max(0, usage.output_tokens) - reasoning) * prices.output
+             + Decimal(reasoning) * prices.reasoning)
     return int(total.to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -162,6 +188,11 @@ def seconds_to_month_end(now: float | datetime | None = None) -> int:
 def utc_day(now: float | datetime | None = None) -> str:
     """``yyyymmdd`` of the UTC day containing ``now`` (the quota and daily-spend key suffix)."""
     return datetime.fromtimestamp(math.floor(_epoch(now) / 86400) * 86400, UTC).strftime("%Y%m%d")
+
+
+def start_of_utc_day(now: float | datetime | None = None) -> datetime:
+    """00:00 UTC of the day containing ``now`` (where "today" starts for usage figures)."""
+    return datetime.fromtimestamp(math.floor(_epoch(now) / 86400) * 86400, UTC)
 
 
 def utc_month(now: float | datetime | None = None) -> str:

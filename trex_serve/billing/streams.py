@@ -91,6 +91,7 @@ def ledger_row(fields: dict[str, str]) -> dict[str, Any]:
     """A ledger stream entry (written by settle.lua) as a row for ``Repository.append_ledger``."""
     return {"account_id": fields["a"], "key_id": fields.get("k") or None, "request_id": fields["r"],
             "kind": "charge", "amount": -int(fields["amt"]), "reason": fields.get("why") or None,
+            "tokens": orjson.loads(fields["u"]) if fields.get("u") else None,
             "created_at": datetime.fromtimestamp(int(fields["ms"]) / 1000, UTC)}
 
 

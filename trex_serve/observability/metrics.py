@@ -96,6 +96,12 @@ class GatewayMetrics:
                                   "by error code.", ["reason"], registry=r)
         self.tokens = Counter("trex_tokens_total", "Tokens by direction (in|out) and billing mode.",
                               ["direction", "billing"], registry=r)
+        # The classes partition the tokens above (reasoning is the part of output spent thinking):
+        # what each was billed at is in docs/BILLING.md.
+        self.token_classes = Counter("trex_tokens_by_class_total",
+                                     "Tokens by billing class (input = uncached input, cache_read, cache_write, "
+                                     "cache_write_1h, output, reasoning within output) and billing mode.",
+                                     ["token_class", "billing"], registry=r)
         self.credits = Counter("trex_credits_consumed_micro_total", "Credits charged, in micro-credits.",
                                registry=r)
         self.quota_requests = Counter("trex_quota_requests_total", "Successful requests billed to quota.",
@@ -148,6 +154,12 @@ class GatewayMetrics:
             self.tokens.labels("in", billing).inc(rec.tokens_in)
         if rec.tokens_out > 0:
             self.tokens.labels("out", billing).inc(rec.tokens_out)
+        cache = rec.tokens_cache_read + rec.tokens_cache_write + rec.tokens_cache_write_1h
+        for name, count in (("input", rec.tokens_in - cache), ("cache_read", rec.tokens_cache_read),
+                            ("cache_write", rec.tokens_cache_write), ("cache_write_1h", rec.tokens_cache_write_1h),
+                            ("output", rec.tokens_out), ("reasoning", rec.tokens_reasoning)):
+            if count > 0:
+                self.token_classes.labels(name, billing).inc(count)
         if rec.credits_charged > 0:
             self.credits.inc(rec.credits_charged)
         if rec.billing == "quota" and rec.status == 200:

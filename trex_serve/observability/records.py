@@ -23,13 +23,17 @@ class RequestRecord:
     error_code: str | None
     latency_ms: float
     ttfb_ms: float | None
-    tokens_in: int
-    tokens_out: int
+    tokens_in: int  # every input token, whatever its class
+    tokens_out: int  # every output token, reasoning included
     billing: str | None
     credits_charged: int
     stream: bool
     client_ip: str
     attempt_detail: list[dict[str, Any]] = field(default_factory=list)
+    tokens_cache_read: int = 0  # the classes within tokens_in / tokens_out (providers/usage.py)
+    tokens_cache_write: int = 0
+    tokens_cache_write_1h: int = 0
+    tokens_reasoning: int = 0
     created_at: float = field(default_factory=time.time)
 
     def row(self) -> dict[str, Any]:

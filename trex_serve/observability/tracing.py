@@ -221,6 +221,10 @@ def finish(call: Any, rec: Any) -> None:
         "http.response.status_code": rec.status, "gen_ai.request.model": rec.model_requested or "",
         "gen_ai.request.stream": rec.stream, "trex.attempts": rec.attempts, "trex.fallbacks": rec.fallbacks,
         "gen_ai.usage.input_tokens": rec.tokens_in, "gen_ai.usage.output_tokens": rec.tokens_out,
+        "gen_ai.usage.cache_read.input_tokens": rec.tokens_cache_read,
+        "gen_ai.usage.cache_creation.input_tokens": rec.tokens_cache_write + rec.tokens_cache_write_1h,
+        "trex.usage.cache_write_1h_tokens": rec.tokens_cache_write_1h,
+        "trex.usage.reasoning_tokens": rec.tokens_reasoning,
     }
     if rec.provider:
         attrs["gen_ai.provider.name"] = rec.provider
@@ -283,6 +287,8 @@ def _usage_attributes(span: Any, header: str) -> None:
     if usage is not None:
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+        span.set_attribute("gen_ai.usage.cache_read.input_tokens", usage.cache_read_tokens)
+        span.set_attribute("gen_ai.usage.cache_creation.input_tokens", usage.cache_write_total)
 
 
 def inject(headers: dict[str, str]) -> None:

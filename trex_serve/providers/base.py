@@ -9,36 +9,7 @@ from typing import Any, Protocol
 import orjson
 
 from trex_serve.catalog import Provider
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    estimated: bool = False
-
-    def header(self) -> str:
-        return f"{self.prompt_tokens},{self.completion_tokens},{int(self.estimated)}"
-
-    @classmethod
-    def from_header(cls, value: str | None) -> Usage | None:
-        if not value:
-            return None
-        try:
-            p, c, e = value.split(",")
-            return cls(int(p), int(c), e == "1")
-        except ValueError:
-            return None
-
-    @classmethod
-    def from_openai(cls, usage: Any) -> Usage | None:
-        if not isinstance(usage, dict):
-            return None
-        p = usage.get("prompt_tokens", usage.get("input_tokens"))
-        c = usage.get("completion_tokens", usage.get("output_tokens"))
-        if not isinstance(p, int) or not isinstance(c, int):
-            return None
-        return cls(p, c)
+from trex_serve.providers.usage import Usage
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,8 @@ class OpenAIStream:
     def finish(self) -> bytes:
         rest = self._split.rest()
         tail = rest + b"\n\n" if rest.strip() else b""
-        usage = self.usage or Usage(0, self.delivered_chars // CHARS_PER_TOKEN, True)
-        return tail + usage_comment(usage.prompt_tokens, usage.completion_tokens, usage.estimated)
+        usage = self.usage or Usage.counted(0, self.delivered_chars // CHARS_PER_TOKEN)
+        return tail + usage_comment(usage)
 
 
 class OpenAIChatAdapter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from trex_serve.providers.usage import Usage
+
 
 class EventSplitter:
     def __init__(self) -> None:
@@ -29,20 +31,16 @@ def data_of(event: bytes) -> bytes | None:
     return b"\n".join(out) if out else None
 
 
-def usage_comment(prompt: int, completion: int, estimated: bool) -> bytes:
+def usage_comment(usage: Usage) -> bytes:
     """An SSE comment the ingress reads for settlement; SSE clients ignore comments."""
-    return b": trex-usage %d,%d,%d\n\n" % (prompt, completion, int(estimated))
+    return b": trex-usage " + usage.header().encode() + b"\n\n"
 
 
-def parse_usage_comment(tail: bytes) -> tuple[int, int, bool] | None:
+def parse_usage_comment(tail: bytes) -> Usage | None:
     idx = tail.rfind(b": trex-usage ")
     if idx < 0:
         return None
     end = tail.find(b"\n", idx)
     if end < 0:
         return None
-    try:
-        p, c, e = tail[idx + 13:end].split(b",")
-        return int(p), int(c), e == b"1"
-    except ValueError:
-        return None
+    return Usage.from_header(tail[idx + 13:end])

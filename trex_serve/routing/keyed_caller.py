@@ -164,7 +164,8 @@ class KeyedCaller:
         parsed = parse_usage_comment(tail)
         if parsed is not None:
             try:
-                await self.store.used_tokens(provider, key_id, member, parsed[0] + parsed[1])
+                await self.store.used_tokens(provider, key_id, member,
+                                             parsed.prompt_tokens + parsed.completion_tokens)
             except Exception:  # the estimate stays: budgets err on the safe side
                 log.warning("could not true up the TPM of key %s of %s", key_id, provider, exc_info=True)
 

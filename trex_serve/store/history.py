@@ -72,6 +72,7 @@ class HistoryMixin:
         data.setdefault("key_id", None)
         data.setdefault("request_id", None)
         data.setdefault("reason", None)
+        data.setdefault("tokens", None)
         return data
 
     def append_ledger(self, rows: list[dict[str, Any]]) -> None:
@@ -147,7 +148,9 @@ class HistoryMixin:
             except (InvalidRequest, ValueError, OverflowError, OSError):
                 item["created_at"] = utcnow()
             for col, default in (("attempts", 0), ("status", 0), ("latency_ms", 0.0), ("tokens_in", 0),
-                                 ("tokens_out", 0), ("credits_charged", 0), ("stream", False)):
+                                 ("tokens_out", 0), ("tokens_cache_read", 0), ("tokens_cache_write", 0),
+                                 ("tokens_cache_write_1h", 0), ("tokens_reasoning", 0),
+                                 ("credits_charged", 0), ("stream", False)):
                 if item.get(col) is None:
                     item[col] = default
             for col in _LOG_COLUMNS:
@@ -166,6 +169,22 @@ class HistoryMixin:
                         d["prompt_text"] = d["completion_text"] = None
             stmt = self._insert(RequestLog.__table__).on_conflict_do_nothing(index_elements=["request_id"])
             conn.execute(stmt, data)
+
+    def token_totals(self, account_id: str, since: datetime) -> dict[str, dict[str, int]]:
+        """Tokens by class since ``since``, per billing mode (``quota`` / ``credits``), from the
+        request logs: what the account's traffic was made of, and what each class was billed at."""
+        c = RequestLog
+        cache = c.tokens_cache_read + c.tokens_cache_write + c.tokens_cache_write_1h
+        columns = (("input", c.tokens_in - cache), ("cache_read", c.tokens_cache_read),
+                   ("cache_write", c.tokens_cache_write), ("cache_write_1h", c.tokens_cache_write_1h),
+                   ("output", c.tokens_out), ("reasoning", c.tokens_reasoning), ("credits_micro", c.credits_charged))
+        q = (select(c.billing, *(sa.func.coalesce(sa.func.sum(col), 0) for _, col in columns))
+             .where(c.account_id == account_id, c.created_at >= since, c.billing.is_not(None))
+             .group_by(c.billing))
+        with self._session() as s:
+            rows = s.exec(q).all()
+        return {str(row[0]): {name: int(v) for (name, _), v in zip(columns, row[1:], strict=True)}
+                for row in rows}
 
     def query_logs(
         self,

@@ -96,6 +96,7 @@ class LedgerEntry(SQLModel, table=True):
     kind: str = Field(max_length=16)
     amount: int = Field(sa_column=sa.Column(sa.BigInteger(), nullable=False))
     reason: str | None = Field(default=None, max_length=500)
+    tokens: dict | None = _json()  # a charge's tokens by class (providers/usage.py Usage.classes())
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, index=True)
     )
@@ -120,8 +121,13 @@ class RequestLog(SQLModel, table=True):
     error_code: str | None = Field(default=None, max_length=64)
     latency_ms: float = Field(default=0.0)
     ttfb_ms: float | None = Field(default=None)
-    tokens_in: int = Field(default=0)
-    tokens_out: int = Field(default=0)
+    tokens_in: int = Field(default=0)  # every input token, whatever its class
+    tokens_out: int = Field(default=0)  # every output token, reasoning included
+    # The classes within those totals (what each is billed at: docs/BILLING.md).
+    tokens_cache_read: int = Field(default=0)
+    tokens_cache_write: int = Field(default=0)
+    tokens_cache_write_1h: int = Field(default=0)
+    tokens_reasoning: int = Field(default=0)
     billing: str | None = Field(default=None, max_length=16)
     credits_charged: int = Field(default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False))
     stream: bool = Field(default=False)

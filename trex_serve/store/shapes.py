@@ -192,6 +192,7 @@ def _ledger_dict(e: LedgerEntry) -> dict[str, Any]:
         "amount_micro": int(e.amount),
         "amount": credits(e.amount),
         "reason": e.reason,
+        "tokens": e.tokens,
         "created_at": _iso(e.created_at),
     }
 
@@ -214,6 +215,10 @@ def _log_dict(r: RequestLog) -> dict[str, Any]:
         "ttfb_ms": r.ttfb_ms,
         "tokens_in": r.tokens_in,
         "tokens_out": r.tokens_out,
+        "tokens": {"input": r.tokens_in - r.tokens_cache_read - r.tokens_cache_write - r.tokens_cache_write_1h,
+                   "cache_read": r.tokens_cache_read, "cache_write": r.tokens_cache_write,
+                   "cache_write_1h": r.tokens_cache_write_1h, "output": r.tokens_out,
+                   "reasoning": r.tokens_reasoning},
         "billing": r.billing,
         "credits_charged_micro": int(r.credits_charged or 0),
         "credits_charged": credits(r.credits_charged),

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
+from trex_serve.billing.pricing import start_of_utc_day
 from trex_serve.catalog import Catalog
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.store.models import RequestLog
@@ -240,7 +241,8 @@ def build_account_router(repo: Repository, admin_token: str | None, catalog: Cal
     async def usage(me: Principal = Me) -> dict[str, Any]:
         acc = await call(repo.get_account, me.account_id)
         out: dict[str, Any] = {"object": "usage", "account_id": me.account_id,
-                               "plan": acc["plan"] if acc else None, "quota": {}}
+                               "plan": acc["plan"] if acc else None, "quota": {},
+                               "tokens_today": await call(repo.token_totals, me.account_id, start_of_utc_day())}
         try:
             apply_live(out, await live_usage(me.account_id))  # the ledger's totals come with it
         except Exception:

@@ -23,6 +23,7 @@ from sqlalchemy import exc as sa_exc
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
+from trex_serve.billing.pricing import start_of_utc_day
 from trex_serve.errors import AuthError, InvalidRequest, NotFound, ServiceUnavailable
 from trex_serve.store.repository import KeyLimits, Repository, credits, to_micro
 
@@ -331,7 +332,8 @@ def build_admin_router(
     @router.get("/accounts/{account_id}/usage")
     async def usage(account_id: str) -> dict[str, Any]:
         acc = await account_or_404(account_id)
-        out: dict[str, Any] = {"account_id": account_id, "plan": acc["plan"], "quota": {}}
+        out: dict[str, Any] = {"account_id": account_id, "plan": acc["plan"], "quota": {},
+                               "tokens_today": await call(repo.token_totals, account_id, start_of_utc_day())}
         if usage_extra is not None:
             try:
                 apply_live(out, await usage_extra(account_id))  # the ledger's totals come with it

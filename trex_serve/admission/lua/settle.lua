@@ -4,7 +4,8 @@
 -- 6 now ('' = server clock), 7 velocity_window_s (0 = off), 8 velocity_max_micro,
 -- 9 replay_ttl_s (0 = none): keep a mark of a successful settlement this long, so a replay of the
 -- same request id (the front proxy retrying on another replica) is served without a second charge.
--- 10 ledger reason (text of the charge row). A key the charge takes over its velocity limit is
+-- 10 ledger reason (text of the charge row), 11 the request's tokens by class (JSON, '' = none),
+-- kept on the ledger row beside the charge. A key the charge takes over its velocity limit is
 -- marked ({P}velstop:{key}) so that admit.lua refuses it before its suspension reaches SQL.
 -- A charge is appended to the ledger stream ({P}stream:ledger) in this same atomic step, and counted
 -- in {P}unbooked:{account} until a drainer has committed it to SQL (streams.py): a charge settled
@@ -27,7 +28,7 @@ end
 local charged = r[2]
 if charged > 0 then
   redis.call('XADD', P .. 'stream:ledger', '*', 'a', r[6], 'k', r[5], 'r', rid, 'amt', I(charged),
-    'why', ARGV[10] or '', 'ms', I(math.floor(now_from(ARGV[6]) * 1000)))
+    'why', ARGV[10] or '', 'ms', I(math.floor(now_from(ARGV[6]) * 1000)), 'u', ARGV[11] or '')
   redis.call('INCRBY', P .. 'unbooked:' .. r[6], I(charged))
 end
 local exceeded, vsum = 0, 0

@@ -95,8 +95,9 @@ class AnthropicAnswers:
             "stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None,
         }
         if not self.faults.omit_usage:
-            answer["usage"] = {"input_tokens": prompt_tokens, "output_tokens": len(text.split(" ")),
-                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+            answer["usage"] = self.faults.usage or {
+                "input_tokens": prompt_tokens, "output_tokens": len(text.split(" ")),
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
         self._count(200)
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
@@ -109,7 +110,9 @@ class AnthropicAnswers:
         if f.first_byte_delay_ms:
             await asyncio.sleep(f.first_byte_delay_ms / 1000)
         words = text.split(" ")
-        usage = {} if f.omit_usage else {"input_tokens": prompt_tokens, "output_tokens": 1}
+        # As Anthropic streams it: the input side (cache classes included) in message_start, the
+        # cumulative output in message_delta.
+        usage = {} if f.omit_usage else {**(f.usage or {"input_tokens": prompt_tokens}), "output_tokens": 1}
         await resp.write(_sse("message_start", {"type": "message_start", "message": {
             "id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
             "model": body.get("model"), "content": [], "stop_reason": None, "stop_sequence": None,
@@ -142,7 +145,7 @@ class AnthropicAnswers:
                                  "delta": {"stop_reason": "tool_use" if tool else "end_turn",
                                            "stop_sequence": None}}
         if not f.omit_usage:
-            delta["usage"] = {"output_tokens": len(words)}
+            delta["usage"] = {"output_tokens": (f.usage or {}).get("output_tokens", len(words))}
         await resp.write(_sse("message_delta", delta))
         await resp.write(_sse("message_stop", {"type": "message_stop"}))
         await resp.write_eof()

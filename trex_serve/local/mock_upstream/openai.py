@@ -61,7 +61,7 @@ class OpenAIAnswers:
                          "finish_reason": "stop", "logprobs": None}],
         }
         if not self.faults.omit_usage:
-            answer["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+            answer["usage"] = self.faults.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                                "total_tokens": prompt_tokens + len(words)}
         self._count(200)
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
@@ -138,7 +138,7 @@ class OpenAIAnswers:
         done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         await resp.write(b"data: " + orjson.dumps(done) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage") and not f.omit_usage:
-            usage = {**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+            usage = {**base, "choices": [], "usage": f.usage or {"prompt_tokens": prompt_tokens,
                                                       "completion_tokens": len(words),
                                                       "total_tokens": prompt_tokens + len(words)}}
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
@@ -172,8 +172,8 @@ class OpenAIAnswers:
         text = f"Hello from {self.name} (responses)! You said: {str(last)[:200]}"
         prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict)) // 4 + 1
         words = text.split(" ")
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                 "total_tokens": prompt_tokens + len(words)}
+        usage = self.faults.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                                      "total_tokens": prompt_tokens + len(words)}
         chat = {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model"), "usage": usage,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}

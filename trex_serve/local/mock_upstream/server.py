@@ -34,6 +34,10 @@ class Faults:
     malformed_rate: float = 0.0      # fraction answered 200 with a broken JSON body
     require_key: str | None = None   # when set, 401 unless Authorization: Bearer <require_key>
     omit_usage: bool = False         # answer without usage
+    # Report exactly this usage object, in the endpoint's own shape (OpenAI's prompt_tokens with
+    # prompt_tokens_details, Anthropic's input_tokens with cache_read_input_tokens, ...), as a real
+    # provider with prompt caching or reasoning would, instead of the mock's own count.
+    usage: dict[str, Any] | None = None
     giant_body_bytes: int = 0        # non-streaming chat: a valid answer padded to about this many bytes
     endless_stream: bool = False     # chat streams never end (paced by token_interval_ms)
     giant_sse_line_bytes: int = 0    # chat streams: after the first chunk, one SSE line this long, no newline

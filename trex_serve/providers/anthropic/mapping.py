@@ -198,26 +198,6 @@ def to_anthropic(body: dict[str, Any], upstream_model: str, stream: bool) -> dic
 # ---- response: Anthropic message → OpenAI chat.completion -------------------------------------
 
 
-def usage_numbers(usage: Any) -> tuple[int, int, int] | None:
-    """(prompt, completion, cached) of an Anthropic usage object; prompt includes cache tokens."""
-    if not isinstance(usage, dict):
-        return None
-    inp, out = usage.get("input_tokens"), usage.get("output_tokens")
-    if not isinstance(inp, int) and not isinstance(out, int):
-        return None
-    cached = int(usage.get("cache_read_input_tokens") or 0)
-    prompt = int(inp or 0) + int(usage.get("cache_creation_input_tokens") or 0) + cached
-    return prompt, int(out or 0), cached
-
-
-def openai_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
-    if cached:
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return usage
-
-
 def to_openai(data: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
     text: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -240,8 +220,8 @@ def to_openai(data: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": finish_reason(data.get("stop_reason")) or "stop"}],
     }
-    numbers = usage_numbers(data.get("usage"))
-    if numbers is None:
+    usage = Usage.from_anthropic(data.get("usage"))
+    if usage is None:
         return answer, None
-    answer["usage"] = openai_usage(*numbers)
-    return answer, Usage(numbers[0], numbers[1])
+    answer["usage"] = usage.openai_chat()
+    return answer, usage

@@ -6,12 +6,13 @@ token counts, and on `finish` reports the usage (estimated when the stream was c
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
 from trex_serve.admission.tokens import CHARS_PER_TOKEN
-from trex_serve.providers.anthropic.mapping import finish_reason, openai_usage, usage_numbers
+from trex_serve.providers.anthropic.mapping import finish_reason
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
 
@@ -27,9 +28,7 @@ class AnthropicStream:
         self._id = "msg"
         self._model = model
         self._created = int(time.time())
-        self._prompt = 0
-        self._completion = 0
-        self._cached = 0
+        self._usage: dict[str, Any] = {}  # Anthropic's usage fields as last reported (cumulative)
         self._final_usage = False
         self._tools: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
         self._done = False
@@ -41,14 +40,13 @@ class AnthropicStream:
         return b"data: " + orjson.dumps(obj)
 
     def _take_usage(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        if isinstance(usage.get("input_tokens"), int):
-            numbers = usage_numbers(usage)
-            if numbers is not None:
-                self._prompt, self._cached = numbers[0], numbers[2]
-        if isinstance(usage.get("output_tokens"), int):
-            self._completion = usage["output_tokens"]  # cumulative in Anthropic's events
+        # message_start carries the input side; message_delta the cumulative output (and, from
+        # newer API versions, the input side again): the latest value of each field wins.
+        if isinstance(usage, dict):
+            self._usage.update({k: v for k, v in usage.items() if v is not None})
+
+    def _current(self) -> Usage:
+        return Usage.from_anthropic(self._usage) or Usage()
 
     def _event(self, event: bytes) -> bytes | None:
         data = data_of(event)
@@ -102,10 +100,9 @@ class AnthropicStream:
         if kind == "message_stop":
             self._done = True
             out = []
-            if self.want_usage and (self._final_usage or self._prompt):
+            if self.want_usage and (self._final_usage or self._usage):
                 usage = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                         "model": self._model, "choices": [],
-                         "usage": openai_usage(self._prompt, self._completion, self._cached)}
+                         "model": self._model, "choices": [], "usage": self._current().openai_chat()}
                 out.append(b"data: " + orjson.dumps(usage))
             out.append(b"data: [DONE]")
             return b"\n\n".join(out)
@@ -125,9 +122,10 @@ class AnthropicStream:
         rest = self._split.rest()
         tail = self._event(rest) if rest.strip() else None
         head = tail + b"\n\n" if tail else b""
+        seen = self._current()
         if self._final_usage:
-            self.usage = Usage(self._prompt, self._completion)
+            self.usage = seen
         else:  # cut short: what we saw of the prompt, and an estimate of what was delivered
-            self.usage = Usage(self._prompt, max(self._completion, self.delivered_chars // CHARS_PER_TOKEN), True)
-        u = self.usage
-        return head + usage_comment(u.prompt_tokens, u.completion_tokens, u.estimated)
+            self.usage = replace(seen, output_tokens=max(seen.output_tokens,
+                                                         self.delivered_chars // CHARS_PER_TOKEN), estimated=True)
+        return head + usage_comment(self.usage)

@@ -174,6 +174,17 @@
       ["Refunded", fmtCredits(c.refunded)],
       ["Held by requests in flight", fmtCredits(c.reserved || 0)],
     ]);
+    // Today's tokens by class (all billing modes together): what the traffic was made of.
+    const classes = {input: 0, cache_read: 0, cache_write: 0, cache_write_1h: 0, output: 0, reasoning: 0};
+    for (const row of Object.values(u.tokens_today || {})) {
+      for (const name of Object.keys(classes)) classes[name] += row[name] || 0;
+    }
+    facts("token-classes", [
+      ["Input (uncached)", fmtNum(classes.input)],
+      ["Cache reads", fmtNum(classes.cache_read)],
+      ["Cache writes (5 min / 1 h)", fmtNum(classes.cache_write) + " / " + fmtNum(classes.cache_write_1h)],
+      ["Output (of which reasoning)", fmtNum(classes.output) + " (" + fmtNum(classes.reasoning) + ")"],
+    ]);
   }
 
   // ---------------------------------------------------------------- traffic charts
@@ -320,6 +331,19 @@
 
   // ---------------------------------------------------------------- logs
 
+  // Totals in/out, and the classes within them when there are any (what each is billed at differs).
+  function tokenCell(r) {
+    const t = r.tokens || {};
+    const parts = [];
+    if (t.cache_read) parts.push(fmtNum(t.cache_read) + " cache read");
+    if (t.cache_write) parts.push(fmtNum(t.cache_write) + " cache write");
+    if (t.cache_write_1h) parts.push(fmtNum(t.cache_write_1h) + " cache write 1h");
+    if (t.reasoning) parts.push(fmtNum(t.reasoning) + " reasoning");
+    const total = fmtNum(r.tokens_in) + " / " + fmtNum(r.tokens_out);
+    return parts.length ? el("span", {title: parts.join(", ")}, total, el("br"), el("small", {}, parts.join(" · ")))
+      : total;
+  }
+
   async function loadLogs(reset) {
     if (reset) logCursors = [null];
     const params = new URLSearchParams({limit: "25"});
@@ -335,7 +359,7 @@
       fmtTime(r.created_at), el("code", {}, r.request_id), r.key_prefix ? el("code", {}, r.key_prefix + "…") : "—",
       r.model_requested || "—", r.provider ? r.provider + " / " + (r.model_served || "") : "—", String(r.attempts),
       badge(r.status), Math.round(r.latency_ms) + " ms", r.ttfb_ms === null ? "—" : Math.round(r.ttfb_ms) + " ms",
-      fmtNum(r.tokens_in) + " / " + fmtNum(r.tokens_out),
+      tokenCell(r),
       r.billing ? r.billing + (r.credits_charged ? " · " + fmtCredits(r.credits_charged) + " cr" : "") : "—",
       r.error_code || "",
     ], "No requests match.");
