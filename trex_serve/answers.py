@@ -109,9 +109,13 @@ class Answers:
             err = orjson.loads(resp.body).get("error", {})
         except (orjson.JSONDecodeError, AttributeError):
             err = {}
-        exc = UpstreamError(str(err.get("message") or f"upstream returned {resp.status}"),
-                            status=resp.status, code=str(err.get("code") or f"upstream_http_{resp.status}"),
-                            param=err.get("param"))
+        if not isinstance(err, dict):
+            err = {}
+        # A null code stays null (the provider sent none); only a body without one says which status.
+        code = _text(err.get("code")) if "code" in err else f"upstream_http_{resp.status}"
+        exc = UpstreamError(_text(err.get("message")) or f"upstream returned {resp.status}",
+                            status=resp.status, type=_text(err.get("type")), code=code,
+                            param=_text(err.get("param")))
         await self._settle_failure(call)
         return self._error(call, exc)
 
@@ -192,7 +196,7 @@ class Answers:
     def _error(self, call: Call, exc: TrexError) -> Answer:
         headers = call.headers()
         headers.update(exc.response_headers())
-        self._emit(call, exc.status, exc.code, None, 0)
+        self._emit(call, exc.status, exc.code or exc.type, None, 0)
         return Answer(exc.status, headers, exc.body(call.request_id, call.attempts))
 
     # ---- settlement and records ---------------------------------------------------------------
@@ -240,6 +244,10 @@ class Answers:
             rec.tokens_cache_write_1h, rec.tokens_reasoning = usage.cache_write_1h_tokens, usage.reasoning_tokens
         tracing.finish(call, rec)
         self.record(rec)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _written(sent: asyncio.Future | None) -> bool:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class CatalogError(ValueError):
     pass
+
+
+# An HTTP field name (RFC 9110 token): anything else would be refused by the HTTP client mid-request,
+# or worse, split into a second header.
+_HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$"
+# Headers the HTTP client or the adapter owns: a key sent in one of them would break the request.
+_RESERVED_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding", "connection",
+                               "traceparent", "tracestate", "anthropic-version"})
 
 
 class _Strict(BaseModel):
@@ -57,6 +66,12 @@ class Provider(_Strict):
     supports_responses: bool = False
     max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
+    # Where the key goes (docs/PROVIDERS.md). Unset: the format's own (openai: Authorization with
+    # scheme Bearer, anthropic: x-api-key). A header named here takes the bare key unless
+    # ``auth_scheme`` names a scheme. ``query`` is added to every upstream URL (Azure's api-version).
+    auth_header: str | None = Field(default=None, pattern=_HEADER_NAME)
+    auth_scheme: str | None = Field(default=None, pattern=_HEADER_NAME)
+    query: dict[str, str] = Field(default_factory=dict)
     pool: PoolSizing = Field(default_factory=PoolSizing)
     # Several managed keys (docs/KEYS.md): accounts stick to one, a key answering 429 cools alone
     # (``key_cooldown_s`` when the upstream names no Retry-After), one answering 401/403 is out
@@ -80,10 +95,30 @@ class Provider(_Strict):
     def upstream_key(self, key_id: str) -> UpstreamKey | None:
         return self._keys.get(key_id)
 
+    @field_validator("query", mode="before")
+    @classmethod
+    def _query_scalars(cls, value: Any) -> Any:
+        # YAML reads an unquoted ``api-version: 2024-10-21`` as a date: it means the same string.
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for k, v in value.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            elif isinstance(v, datetime.date | int | float):
+                v = v.isoformat() if isinstance(v, datetime.date) else str(v)
+            out[k] = v
+        return out
+
     @model_validator(mode="after")
     def _auth_consistent(self) -> Provider:
         if self.auth == "none" and self.api_key_env:
             raise ValueError("auth: none takes no api_key_env (a keyless upstream has no managed key)")
+        if self.auth_header and self.auth_header.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"auth_header: {self.auth_header!r} is not a header a key can travel in")
+        for name in self.query:
+            if not name:
+                raise ValueError("query: a parameter needs a name")
         return self
 
     @property

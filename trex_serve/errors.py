@@ -9,7 +9,7 @@ import orjson
 
 class TrexError(Exception):
     status: int = 500
-    code: str = "internal_error"
+    code: str | None = "internal_error"  # None only when passing on an upstream's null code
     type: str = "server_error"
 
     def __init__(
@@ -113,6 +113,8 @@ class UpstreamUnavailable(TrexError):
 
 
 class UpstreamError(TrexError):
-    """A non-retryable upstream answer passed through with its own status and code."""
+    """A non-retryable upstream answer passed on whole: the provider's status, type, code, param and
+    message (the pool has already mapped them to OpenAI's terms and cut the key out of them)."""
 
     type = "upstream_error"
+    code = None

@@ -277,19 +277,21 @@ def test_each_stream_gets_its_own_state(adapter):
 # ---- errors -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("status,body,expected", [
+@pytest.mark.parametrize("status,body,expected,kind", [
     (529, b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
-     ("overloaded_error", "Overloaded")),
+     ("overloaded_error", "Overloaded"), "server_error"),
     (429, b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has '
           b'exceeded your per-minute rate limit"}}',
-     ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit")),
+     ("rate_limit_error", "Number of request tokens has exceeded your per-minute rate limit"), "rate_limit_error"),
     (400, b'{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: Field required"}}',
-     ("invalid_request_error", "max_tokens: Field required")),
-    (502, b"<html>Bad Gateway</html>", ("upstream_http_502", "<html>Bad Gateway</html>")),
-    (500, b"", ("upstream_http_500", "upstream_http_500")),
+     ("invalid_request_error", "max_tokens: Field required"), "invalid_request_error"),
+    (502, b"<html>Bad Gateway</html>", ("upstream_http_502", "<html>Bad Gateway</html>"), "server_error"),
+    (500, b"", ("upstream_http_500", "upstream_http_500"), "server_error"),
 ])
-def test_translate_error_reads_anthropic_envelope(adapter, status, body, expected):
-    assert adapter.translate_error(status, body) == expected
+def test_translate_error_reads_anthropic_envelope(adapter, status, body, expected, kind):
+    err = adapter.translate_error(status, body)
+    assert (err.code, err.message) == expected
+    assert err.type == kind and err.param is None
 
 
 def test_529_overloaded_is_retryable():

@@ -49,6 +49,10 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
+def _redacted(text: str | None, secret: str | None) -> str | None:
+    return None if text is None else redact(text, secret)
+
+
 def _failure(status: int, failure: str, message: str, retry_after: float | None = None) -> web.Response:
     headers = {hop.H_FAILURE: failure}
     if retry_after is not None:
@@ -188,16 +192,16 @@ class PoolServer:
                 raw = await upstream.content.read(64 * 1024)
         except (TimeoutError, aiohttp.ClientError):
             raw = b""
-        code, message = adapter.translate_error(upstream.status, raw)
-        message = redact(message, api_key)
+        err = adapter.translate_error(upstream.status, raw)
         status = upstream.status
         retryable = status in hop.RETRYABLE_STATUS
         outcome(not retryable and status < 500, status, retry_after if status in (429, 503, 529) else None)
         headers = {"Content-Type": "application/json"}
         if retry_after is not None:
             headers["Retry-After"] = str(int(retry_after))
-        body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": code,
-                                       "param": None}})
+        # Every field is the upstream's text, and any of them may quote the key it was sent.
+        body = orjson.dumps({"error": {"message": redact(err.message, api_key), "type": redact(err.type, api_key),
+                                       "code": _redacted(err.code, api_key), "param": _redacted(err.param, api_key)}})
         return web.Response(status=status, body=body, headers=headers)
 
     async def _whole(self, upstream, adapter, provider, api, outcome, started) -> web.Response:

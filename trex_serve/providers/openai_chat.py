@@ -8,7 +8,15 @@ import orjson
 
 from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.catalog import Provider
-from trex_serve.providers.base import UpstreamCall, Usage, error_fields, register
+from trex_serve.providers.base import (
+    AuthStyle,
+    ErrorFields,
+    UpstreamCall,
+    Usage,
+    error_fields,
+    register,
+    upstream_call,
+)
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
 
 
@@ -76,6 +84,7 @@ class OpenAIStream:
 
 class OpenAIChatAdapter:
     format = "openai"
+    auth = AuthStyle("Authorization", "Bearer")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider) -> UpstreamCall:
@@ -85,11 +94,9 @@ class OpenAIChatAdapter:
             opts = dict(out.get("stream_options") or {})
             opts["include_usage"] = True
             out["stream_options"] = opts
-        headers = {"Content-Type": "application/json", **provider.headers}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
         path = "/responses" if api == "responses" else "/chat/completions"
-        return UpstreamCall(provider.base_url.rstrip("/") + path, headers, orjson.dumps(out))
+        return upstream_call(provider, path, orjson.dumps(out), api_key,
+                             {"Content-Type": "application/json"}, self.auth)
 
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
         try:
@@ -103,8 +110,8 @@ class OpenAIChatAdapter:
     def stream_translator(self, api: str, want_usage: bool, model: str) -> OpenAIStream:
         return OpenAIStream(want_usage)
 
-    def translate_error(self, status: int, body: bytes) -> tuple[str, str]:
-        return error_fields(body, f"upstream_http_{status}")
+    def translate_error(self, status: int, body: bytes) -> ErrorFields:
+        return error_fields(status, body)
 
 
 register(OpenAIChatAdapter())

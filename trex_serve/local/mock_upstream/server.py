@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from trex_serve.local.mock_upstream.anthropic import AnthropicAnswers, _anthropic_error
@@ -42,6 +43,9 @@ class Faults:
     endless_stream: bool = False     # chat streams never end (paced by token_interval_ms)
     giant_sse_line_bytes: int = 0    # chat streams: after the first chunk, one SSE line this long, no newline
     echo_key_in_errors: bool = False  # error messages quote the credential received (as some providers do)
+    # Injected errors (fail_next, error_rate) answer this JSON body verbatim instead of the mock's own:
+    # a provider's real error envelope. Every "{key}" in it becomes the credential received.
+    error_body: Any = None
     set_cookie: str | None = None    # sent as Set-Cookie with every answer (the Cookie received is in stats)
     # Per credential received (the bearer token, or x-api-key): {"sk-b": {"status": 429, "retry_after": 5}}
     # answers that status to that key alone; key_rpm {"sk-a": 20} refuses a key's 21st request in any
@@ -56,7 +60,7 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         self.faults = Faults()
         self.stats: dict[str, Any] = {"requests": 0, "by_status": {}, "last_auth": None, "last_model": None,
                                       "last_body": None, "last_traceparent": None, "by_key": {}, "rpm_refused": {},
-                                      "cookies_received": 0}
+                                      "cookies_received": 0, "last_headers": None, "last_query": None}
         self._key_log: dict[str, deque[float]] = {}
 
     def app(self) -> web.Application:
@@ -94,7 +98,8 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
     async def reset(self, _request: web.Request) -> web.Response:
         self.faults = Faults()
         self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None,
-                          last_traceparent=None, by_key={}, rpm_refused={}, cookies_received=0)
+                          last_traceparent=None, by_key={}, rpm_refused={}, cookies_received=0,
+                          last_headers=None, last_query=None)
         self._key_log = {}
         return web.json_response({"ok": True})
 
@@ -113,6 +118,9 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         f = self.faults
         # W3C trace context as a provider would receive it (tests check the trace reaches here).
         self.stats["last_traceparent"] = request.headers.get("traceparent")
+        # Every header and query parameter as received, for catalog auth styles (api-key, api-version).
+        self.stats["last_headers"] = dict(request.headers)
+        self.stats["last_query"] = dict(request.query)
         if "Cookie" in request.headers:
             self.stats["cookies_received"] += 1
         if f.latency_ms:
@@ -141,6 +149,8 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
                 f.fail_next -= 1
             headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
             self._count(f.error_status)
+            if f.error_body is not None:
+                return _verbatim_error(f.error_status, f.error_body, request, anthropic, headers)
             if anthropic:
                 return _anthropic_error(f.error_status, f"{self.name} injected {f.error_status}", headers)
             code = {429: "rate_limit_exceeded", 400: "invalid_request_error"}.get(f.error_status, "server_error")
@@ -179,6 +189,17 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         code = {429: "rate_limit_exceeded", 401: "invalid_api_key", 403: "permission_denied"}.get(status, "error")
         return web.json_response({"error": {"message": f"{self.name}: key refused with {status}", "type": code,
                                             "code": code}}, status=status, headers=headers)
+
+
+def _verbatim_error(status: int, body: Any, request: web.Request, anthropic: bool,
+                    headers: dict[str, str]) -> web.Response:
+    key = request.headers.get("x-api-key", "") if anthropic else request.headers.get("Authorization", "")[7:]
+    if isinstance(body, str):  # not JSON at all: a proxy's HTML page
+        return web.Response(status=status, text=body.replace("{key}", key), headers=headers,
+                            content_type="text/html")
+    raw = orjson.dumps(body).replace(b"{key}", orjson.dumps(key)[1:-1])
+    return web.Response(status=status, body=raw, headers=headers, content_type="application/json")
+
 
 def serve_forever(port: int, name: str, host: str = "127.0.0.1") -> None:
     try:

@@ -4,7 +4,8 @@ The client speaks OpenAI chat; the upstream speaks `POST {base_url}/messages`. `
 request and sets Anthropic's headers, `translate_response` maps a whole answer back (both through
 `mapping.py`), `stream_translator` hands out an `AnthropicStream` (`stream.py`) that maps the typed
 Anthropic SSE events to chat.completion.chunk events as they arrive, and `translate_error` reads
-Anthropic's error envelope. Importing this package registers the adapter."""
+Anthropic's error envelope and maps its types to OpenAI's (the table is in docs/ADAPTERS.md).
+Importing this package registers the adapter."""
 
 from __future__ import annotations
 
@@ -15,22 +16,43 @@ import orjson
 from trex_serve.catalog import Provider
 from trex_serve.providers.anthropic.mapping import ANTHROPIC_VERSION, to_anthropic, to_openai
 from trex_serve.providers.anthropic.stream import AnthropicStream
-from trex_serve.providers.base import UpstreamCall, Usage, register
+from trex_serve.providers.base import (
+    AuthStyle,
+    ErrorFields,
+    UpstreamCall,
+    Usage,
+    default_error_type,
+    error_fields,
+    register,
+    upstream_call,
+)
+
+# Anthropic's error type → (OpenAI's type, the code when Anthropic gives none). The code keeps
+# Anthropic's own type visible wherever OpenAI has no closer code of its own.
+ERROR_TYPES: dict[str, tuple[str, str]] = {
+    "invalid_request_error": ("invalid_request_error", "invalid_request_error"),
+    "authentication_error": ("authentication_error", "invalid_api_key"),
+    "permission_error": ("permission_error", "permission_error"),
+    "not_found_error": ("invalid_request_error", "not_found_error"),
+    "request_too_large": ("invalid_request_error", "request_too_large"),
+    "rate_limit_error": ("rate_limit_error", "rate_limit_error"),
+    "api_error": ("server_error", "api_error"),
+    "overloaded_error": ("server_error", "overloaded_error"),
+}
 
 
 class AnthropicAdapter:
     format = "anthropic"
+    auth = AuthStyle("x-api-key")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider) -> UpstreamCall:
         if api != "chat":
             raise ValueError(f"the anthropic adapter serves the chat API only, not {api!r}")
-        headers = {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION,
-                   **provider.headers}
-        if api_key:
-            headers["x-api-key"] = api_key
         payload = orjson.dumps(to_anthropic(body, upstream_model, stream))
-        return UpstreamCall(provider.base_url.rstrip("/") + "/messages", headers, payload)
+        return upstream_call(provider, "/messages", payload, api_key,
+                             {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION},
+                             self.auth)
 
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
         try:
@@ -45,20 +67,25 @@ class AnthropicAdapter:
     def stream_translator(self, api: str, want_usage: bool, model: str) -> AnthropicStream:
         return AnthropicStream(want_usage, model)
 
-    def translate_error(self, status: int, body: bytes) -> tuple[str, str]:
-        default = f"upstream_http_{status}"
+    def translate_error(self, status: int, body: bytes) -> ErrorFields:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
-            text = body[:200].decode("utf-8", "replace").strip()
-            return default, text or default
+            data = None
         err = data.get("error") if isinstance(data, dict) else None
-        if isinstance(err, dict):
-            code = str(err.get("type") or err.get("code") or default)
-            return code, str(err.get("message") or code)
-        if isinstance(err, str):
-            return default, err
-        return default, default
+        kind = err.get("type") if isinstance(err, dict) else None
+        if not isinstance(err, dict) or not isinstance(kind, str) or not kind:
+            # Garbage, an HTML page, or an OpenAI-style body from a proxy in front of Anthropic.
+            return error_fields(status, body)
+        message = err.get("message")
+        message = message if isinstance(message, str) and message else kind
+        mapped, code = ERROR_TYPES.get(kind, (default_error_type(status), kind))
+        given_code, param = err.get("code"), err.get("param")
+        param = param if isinstance(param, str) and param else None
+        if kind == "not_found_error" and message.lower().startswith("model:"):
+            # What OpenAI (and the gateway's own 404) answer for a model that does not exist.
+            code, param = "model_not_found", param or "model"
+        return ErrorFields(message, mapped, given_code if isinstance(given_code, str) and given_code else code, param)
 
 
 register(AnthropicAdapter())
