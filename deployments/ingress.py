@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.logs import route_core_logs
 from deployments.pool_view import PoolView
 from trex_serve import replica_state
+from trex_serve.billing.prices import target_cost
 from trex_serve.hop.relay import HttpRelay
 from trex_serve.observability import stage_probe
 from trex_serve.pipeline import Pipeline
@@ -44,7 +45,8 @@ class Ingress:
         self.pools = pools
         self.router = router
         self.runtime = await Runtime.create(args)
-        self.planner = Planner(HealthPolicy(**self.runtime.catalog.health.model_dump()))
+        self.planner = Planner(HealthPolicy(**self.runtime.catalog.health.model_dump()),
+                               cost=target_cost(self.runtime.catalog))
         # Pool replicas are chosen from a local view of them, not by asking Serve per request (pool_view.py).
         self.pool_view = PoolView(pools)
         self.pool_view.start()

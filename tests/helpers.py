@@ -110,6 +110,17 @@ models:
     candidates:
       - {{provider: claude, model: claude-sonnet-4-5}}
       - {{provider: beta, model: beta-mini}}
+  - id: cached-model
+    tier: premium
+    price: {{input_per_mtok: 2.0, output_per_mtok: 8.0, cache_read_per_mtok: 0.5}}
+    candidates:
+      - {{provider: alpha, model: alpha-cached}}
+  - id: cached-claude
+    tier: premium
+    price: {{input_per_mtok: 3.0, output_per_mtok: 15.0, cache_read_per_mtok: 0.30,
+             cache_write_per_mtok: 3.75, cache_write_1h_per_mtok: 6.0}}
+    candidates:
+      - {{provider: claude, model: claude-sonnet-4-5}}
   - id: native-model
     candidates:
       - {{provider: native, model: native-upstream}}

@@ -66,6 +66,9 @@ class Provider(_Strict):
     supports_responses: bool = False
     max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
+    # The provider's id in the price database (genai-prices: openai, anthropic, google, azure, ...);
+    # unset: this provider's name, else the model is looked up by its name alone.
+    prices_provider: str | None = None
     # Where the key goes (docs/PROVIDERS.md). Unset: the format's own (openai: Authorization with
     # scheme Bearer, anthropic: x-api-key). A header named here takes the bare key unless
     # ``auth_scheme`` names a scheme. ``query`` is added to every upstream URL (Azure's api-version).
@@ -140,8 +143,16 @@ class Provider(_Strict):
 
 
 class Price(_Strict):
-    input_per_mtok: float = Field(default=0.0, ge=0)
-    output_per_mtok: float = Field(default=0.0, ge=0)
+    """Compute Credits per 1M tokens of each class (docs/BILLING.md). A class left out comes from
+    the price database for the provider model that served the request (with the markup), else
+    from the input price (cache classes) or the output price (reasoning)."""
+
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)  # 5-minute (or unspecified) writes
+    cache_write_1h_per_mtok: float | None = Field(default=None, ge=0)
+    reasoning_per_mtok: float | None = Field(default=None, ge=0)
 
 
 class Candidate(_Strict):
@@ -172,6 +183,9 @@ class Plan(_Strict):
     long_context_tokens: int | None = Field(default=None, ge=1)
     premium: bool = False
     standard_uses_quota: bool = True
+    # Percent added to prices taken from the price database (never to the catalog's own prices);
+    # unset: the catalog-wide price_markup_pct.
+    price_markup_pct: float | None = Field(default=None, ge=0)
     # What the daily token quota (and TPM) count: every input and output token ("all"), or all but
     # cache reads ("uncached"), for plans that pass prompt caching's savings on to the quota.
     quota_tokens: Literal["all", "uncached"] = "all"
@@ -201,6 +215,7 @@ class Catalog(_Strict):
     smart_auto: list[str] = Field(default_factory=list)
     plans: list[Plan] = Field(default_factory=lambda: [Plan(name="free")])
     health: HealthSettings = Field(default_factory=HealthSettings)
+    price_markup_pct: float = Field(default=0.0, ge=0)  # on prices from the price database
 
     @model_validator(mode="after")
     def _cross_check(self) -> Catalog:

@@ -546,3 +546,53 @@ def test_daily_quota_exhaustion_429_with_reset(gateway):
     assert 1 <= int(err.value.response.headers["retry-after"]) <= 86400
     assert admin.get(f"/accounts/{acc['id']}/usage").json()["quota"]["requests_left"] == 0
 
+
+
+def _charged(gateway) -> int:
+    return gateway["admin"].get(f"/accounts/{gateway['account']['id']}/usage").json()["credits"]["charged_micro"]
+
+
+def _charge_of(gateway, call) -> int:
+    before = _charged(gateway)
+    call()
+    deadline = time.time() + 5
+    while time.time() < deadline and _charged(gateway) == before:
+        time.sleep(0.1)
+    return _charged(gateway) - before
+
+
+WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_format_cached_tokens_billed_at_the_cache_price(gateway, client, stream):
+    usage = json.loads((WIRE / "openai_chat_cached.json").read_text())["usage"]
+    gateway["mocks"]["alpha"].control(usage=usage)
+
+    def call():
+        answer = client.chat.completions.create(model="cached-model", stream=stream,
+                                                messages=[{"role": "user", "content": "cached?"}])
+        if stream:
+            assert "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+        else:
+            assert answer.usage.prompt_tokens_details.cached_tokens == 1920
+    # cached-model: input 2, cache read 0.5, output 8 credits per 1M tokens
+    assert _charge_of(gateway, call) == 86 * 2 + 1920 // 2 + 300 * 8
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_format_cache_reads_and_writes_billed_per_class(gateway, client, stream):
+    usage = json.loads((WIRE / "anthropic_message_cached.json").read_text())["usage"]
+    gateway["mocks"]["alpha"].control(usage=usage)
+
+    def call():
+        extra = {"stream_options": {"include_usage": True}} if stream else {}
+        answer = client.chat.completions.create(model="cached-claude", stream=stream, **extra,
+                                                messages=[{"role": "user", "content": "cached?"}])
+        if stream:
+            final = [c.usage for c in answer if c.usage]
+            assert final and final[-1].prompt_tokens == 33200
+        else:
+            assert answer.usage.prompt_tokens_details.cached_tokens == 30000
+    # 1,200 x 3 + 30,000 x 0.30 + 1,500 x 3.75 + 500 x 6 + 500 x 15 micro-credits
+    assert _charge_of(gateway, call) == 3600 + 9000 + 5625 + 3000 + 7500

@@ -17,7 +17,7 @@ from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequ
 from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.billing import pricing as billing
-from trex_serve.billing.prices import PriceBook
+from trex_serve.billing.prices import price_book
 from trex_serve.catalog import Catalog, Plan
 from trex_serve.errors import (
     AuthError,
@@ -57,7 +57,7 @@ class KeyGate:
         self.counters = counters
         self.auth_failures_per_minute = auth_failures_per_minute
         self.risk_event = risk_event or (lambda _row: None)
-        self.prices = PriceBook(catalog)
+        self.prices = price_book(catalog)
         self._cache: dict[str, tuple[KeyContext, float]] = {}
         self._secrets: dict[tuple[str, str, str], str | None] = {}
         self._parsed_risk: dict[int, tuple[KeyContext, RiskSettings | None, RiskSettings | None]] = {}
@@ -209,8 +209,8 @@ class KeyGate:
         credits = (model.tier == "premium" or res.pinned or not plan.standard_uses_quota
                    or (plan.long_context_tokens is not None and ask.prompt_tokens > plan.long_context_tokens))
         out_tokens = ask.max_output_tokens or (max_out if max_out else None)
-        prices = [t.model.price for t in res.targets]
-        reserve = max(billing.reserve_micro(ask.prompt_tokens, out_tokens, p.input_per_mtok, p.output_per_mtok,
+        prices = [self.prices.for_target(t.model, t.provider, t.upstream_model, principal.plan) for t in res.targets]
+        reserve = max(billing.reserve_micro(ask.prompt_tokens, out_tokens, p.input, p.output,
                                             context_window=model.context_window) for p in prices)
         limits = ctx.limits or {}
         key_risk, acc_risk = self._risk_pair(ctx)

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from trex_serve.local import ingress_ports
+from trex_serve.local import cli_prices, ingress_ports
 from trex_serve.local.embedded import free_port, port_open, start_redis
 from trex_serve.local.front_proxy import (
     front_proxy_command,
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--name", default="mock")
     mock.set_defaults(fn=cmd_mock)
+    cli_prices.register(sub)
     try:
         from trex_serve.local import cli_admin
         cli_admin.register(sub)

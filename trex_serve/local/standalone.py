@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from trex_serve.admission.counters import CounterStore
+from trex_serve.billing.prices import target_cost
 from trex_serve.catalog import Catalog
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
@@ -48,7 +49,7 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
         return ("127.0.0.1", port)
 
     relay = HttpRelay(pick, hop_secret)
-    planner = runtime.planner = Planner()
+    planner = runtime.planner = Planner(cost=target_cost(catalog))
     pipeline = Pipeline(catalog, settings, runtime.gate, runtime.keyed(relay), planner, runtime.record)
     admin_app = runtime.admin_app()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from trex_serve.api.schemas import TrexRouting
@@ -66,6 +67,11 @@ def _qualified(catalog: Catalog, name: str) -> list[Target] | None:
             if cand.provider == provider and (cand.model == rest or model.id == rest):
                 return [Target(provider, cand.model, model)]
     return []
+
+
+def _catalog_cost(target: Target) -> float:
+    price = target.model.price
+    return (price.input_per_mtok or 0.0) + (price.output_per_mtok or 0.0)
 
 
 def _unknown_fallback(catalog: Catalog, provider: str, model: str) -> str:
@@ -135,8 +141,13 @@ class Planner:
     a recovery is found within that interval, and a provider still down sees at most one request
     per interval per ingress replica. Only an upstream's own Retry-After holds off these probes."""
 
-    def __init__(self, policy: HealthPolicy | None = None) -> None:
+    def __init__(self, policy: HealthPolicy | None = None,
+                 cost: Callable[[Target], float] | None = None) -> None:
         p = policy or HealthPolicy()
+        # Smart Auto's tie-break between equally healthy targets: credits per 1M input + output
+        # tokens (billing.prices.target_cost, which knows the price database; the catalog's own
+        # prices otherwise).
+        self.cost = cost or _catalog_cost
         self.probe_interval_s = p.probe_interval_s
         self.panic_probe_interval_s = p.panic_probe_interval_s
         self.recovered_hold_s = p.recovered_hold_s
@@ -200,8 +211,7 @@ class Planner:
         if resolution.smart_auto:
             def rank(t: Target) -> tuple[float, float]:
                 h = self.table.get(t.key)
-                price = t.model.price.input_per_mtok + t.model.price.output_per_mtok
-                return (-(h.score if h else 1.0), price)
+                return (-(h.score if h else 1.0), self.cost(t))
             healthy.sort(key=rank)
         ordered = probes + healthy
         if not ordered:
