@@ -158,6 +158,10 @@ class Price(_Strict):
 class Candidate(_Strict):
     provider: str
     model: str
+    # How an anthropic-format upstream model takes reasoning (docs/REASONING.md): "budget" —
+    # thinking {type: enabled, budget_tokens} (Claude 3.7 to the 4.5 family) — or "adaptive" —
+    # thinking {type: adaptive} with output_config {effort} (newer models, which refuse budgets).
+    thinking: Literal["budget", "adaptive"] = "budget"
 
 
 class Model(_Strict):

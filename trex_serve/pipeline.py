@@ -17,7 +17,7 @@ import orjson
 from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Ticket
 from trex_serve.admission.tokens import estimate_messages
 from trex_serve.answers import Answer, Answers, Call
-from trex_serve.api.messages import check_chat_messages, check_responses_input
+from trex_serve.api.messages import check_chat_request, check_responses_request
 from trex_serve.api.responses import ResponsesInputError, responses_to_chat
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.catalog import Catalog
@@ -86,7 +86,7 @@ class Pipeline(Answers):
         tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(
-                call, raw, ChatCompletionRequest, authorization, lambda p: check_chat_messages(p["messages"]))
+                call, raw, ChatCompletionRequest, authorization, check_chat_request)
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
@@ -138,7 +138,7 @@ class Pipeline(Answers):
         tracing.begin(call, trace_carrier)
         try:
             payload, request, principal, resolution = await self._front(
-                call, raw, ResponsesRequest, authorization, lambda p: check_responses_input(p.get("input")))
+                call, raw, ResponsesRequest, authorization, check_responses_request)
             try:
                 chat_payload = responses_to_chat(payload)
             except ResponsesInputError as exc:
@@ -230,7 +230,7 @@ class Pipeline(Answers):
             req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, api,
                                  call.stream, want_usage, body, key,
                                  account_id=call.principal.account_id if call.principal else None,
-                                 tokens_estimate=call.tokens_estimate)
+                                 tokens_estimate=call.tokens_estimate, thinking=target.thinking)
             tracing.attempt_begin(call, target.provider, target.upstream_model, req)
             t0 = time.monotonic()
             try:

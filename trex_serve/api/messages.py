@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from trex_serve.errors import InvalidRequest
+from trex_serve.providers.anthropic.thinking import check_effort
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 INPUT_ROLES = ("user", "assistant", "system", "developer")
@@ -156,6 +157,21 @@ _ITEM_CHECKS: dict[str, Callable[[dict[str, Any], str], None]] = {
     "message": _input_message, "function_call": _call, "function_call_output": _call_output,
     "item_reference": _reference,
 }
+
+
+def check_chat_request(payload: dict[str, Any]) -> None:
+    """A chat completions body's messages and reasoning effort."""
+    check_chat_messages(payload["messages"])
+    check_effort(payload.get("reasoning_effort"), "reasoning_effort")
+
+
+def check_responses_request(payload: dict[str, Any]) -> None:
+    """A Responses body's input items and reasoning effort."""
+    check_responses_input(payload.get("input"))
+    reasoning = payload.get("reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        _invalid("reasoning", "an object")
+    check_effort((reasoning or {}).get("effort"), "reasoning.effort")
 
 
 def check_responses_input(value: Any) -> None:

@@ -6,6 +6,7 @@ builders here are shared with the stream translation (`responses_stream.py`)."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from typing import Any
@@ -66,8 +67,37 @@ def _parts(content: Any) -> Any:
     return out
 
 
+# A reasoning item's encrypted_content, when the reasoning came from an Anthropic model: its thinking
+# blocks (signatures, redacted data) as the client must send them back. Opaque to the client, as
+# OpenAI's own encrypted reasoning is; Anthropic checks the signatures itself.
+_BLOCKS_PREFIX = "trex.thinking.v1:"
+
+
+def encode_thinking(blocks: list[dict[str, Any]]) -> str:
+    return _BLOCKS_PREFIX + base64.urlsafe_b64encode(orjson.dumps(blocks)).decode()
+
+
+def decode_thinking(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, str) or not value.startswith(_BLOCKS_PREFIX):
+        return []  # OpenAI's own encrypted reasoning means nothing to another provider
+    try:
+        blocks = orjson.loads(base64.urlsafe_b64decode(value[len(_BLOCKS_PREFIX):]))
+    except (ValueError, orjson.JSONDecodeError):
+        raise ResponsesInputError("reasoning item encrypted_content is damaged", "input") from None
+    return [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+
+
+def reasoning_item(item_id: str, text: str, blocks: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": item_id, "type": "reasoning", "status": status,
+                            "summary": [{"type": "summary_text", "text": text}] if text else []}
+    if blocks:
+        item["encrypted_content"] = encode_thinking(blocks)
+    return item
+
+
 def _items(items: list[Any]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
+    thinking: list[dict[str, Any]] = []  # from reasoning items, for the assistant turn that follows
     for item in items:
         if not isinstance(item, dict):
             raise ResponsesInputError("input items must be objects", "input")
@@ -78,6 +108,8 @@ def _items(items: list[Any]) -> list[dict[str, Any]]:
                 messages.append({"role": "user", "content": _parts(item.get("content"))})
             elif role in ("system", "developer", "assistant"):
                 messages.append({"role": role, "content": _text(item.get("content"))})
+                if role == "assistant" and thinking:
+                    messages[-1]["thinking_blocks"], thinking = thinking, []
             else:
                 raise ResponsesInputError(f"unknown message role {role!r}", "input")
         elif kind == "function_call":
@@ -88,12 +120,17 @@ def _items(items: list[Any]) -> list[dict[str, Any]]:
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if thinking:
+                messages[-1].setdefault("thinking_blocks", []).extend(thinking)
+                thinking = []
         elif kind == "function_call_output":
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item.get("call_id") or "",
                              "content": output if isinstance(output, str) else _text(output)})
         elif kind == "reasoning":
-            continue  # reasoning summaries have no chat equivalent; dropping them is harmless
+            # An Anthropic model's signed thinking rides along to the assistant turn it preceded;
+            # a summary alone has no chat equivalent and is dropped.
+            thinking.extend(decode_thinking(item.get("encrypted_content")))
         else:
             raise ResponsesInputError(f"input items of type {kind!r} are not supported", "input")
     return messages
@@ -214,6 +251,10 @@ def chat_to_response(chat_json: bytes | dict[str, Any], request_body: dict[str, 
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
     output: list[dict[str, Any]] = []
+    blocks = message.get("thinking_blocks") if isinstance(message.get("thinking_blocks"), list) else []
+    if message.get("reasoning_content") or blocks:
+        output.append(reasoning_item(new_id("rs"), str(message.get("reasoning_content") or ""), blocks,
+                                     "completed"))
     text = message.get("content") or ""
     if text or message.get("refusal"):
         output.append(message_item(new_id("msg"), text, "completed", message.get("refusal")))

@@ -11,7 +11,14 @@ from typing import Any
 
 import orjson
 
-from trex_serve.api.responses import call_item, message_item, new_id, response_object, responses_usage
+from trex_serve.api.responses import (
+    call_item,
+    message_item,
+    new_id,
+    reasoning_item,
+    response_object,
+    responses_usage,
+)
 from trex_serve.providers.sse import EventSplitter, data_of
 
 
@@ -29,6 +36,7 @@ class ResponsesStream:
         self._ended = False
         self._output: list[dict[str, Any]] = []   # finished items, by output_index
         self._message: dict[str, Any] | None = None  # the open message: id, index, text
+        self._reasoning: dict[str, Any] | None = None  # the open reasoning item: id, index, text, blocks
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool_call index → open function call
         self._finish: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -59,6 +67,44 @@ class ResponsesStream:
                 + self._event("response.content_part.added", item_id=m["id"], output_index=index,
                               content_index=0, part={"type": "output_text", "text": "", "annotations": [],
                                                      "logprobs": []}))
+
+    def _open_reasoning(self) -> bytes:
+        index = len(self._output)
+        self._output.append(None)  # type: ignore[arg-type]
+        r = self._reasoning = {"id": new_id("rs"), "index": index, "text": [], "blocks": []}
+        return self._event("response.output_item.added", output_index=index,
+                           item=reasoning_item(r["id"], "", [], "in_progress"))
+
+    def _reasoning_delta(self, text: str | None, blocks: Any) -> bytes:
+        out = b"" if self._reasoning is not None else self._open_reasoning()
+        r = self._reasoning
+        assert r is not None
+        if text:
+            if not r["text"]:
+                out += self._event("response.reasoning_summary_part.added", item_id=r["id"],
+                                   output_index=r["index"], summary_index=0,
+                                   part={"type": "summary_text", "text": ""})
+            r["text"].append(text)
+            out += self._event("response.reasoning_summary_text.delta", item_id=r["id"],
+                               output_index=r["index"], summary_index=0, delta=text)
+        if isinstance(blocks, list):
+            r["blocks"].extend(b for b in blocks if isinstance(b, dict))
+        return out
+
+    def _close_reasoning(self) -> bytes:
+        r, self._reasoning = self._reasoning, None
+        if r is None:
+            return b""
+        text = "".join(r["text"])
+        item = reasoning_item(r["id"], text, r["blocks"], "completed")
+        self._output[r["index"]] = item
+        out = b""
+        if text:
+            out += (self._event("response.reasoning_summary_text.done", item_id=r["id"], output_index=r["index"],
+                                summary_index=0, text=text)
+                    + self._event("response.reasoning_summary_part.done", item_id=r["id"],
+                                  output_index=r["index"], summary_index=0, part=item["summary"][0]))
+        return out + self._event("response.output_item.done", output_index=r["index"], item=item)
 
     def _close_message(self) -> bytes:
         m, self._message = self._message, None
@@ -97,10 +143,12 @@ class ResponsesStream:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            if delta.get("reasoning_content") or delta.get("thinking_blocks"):
+                out += self._reasoning_delta(delta.get("reasoning_content"), delta.get("thinking_blocks"))
             text = delta.get("content")
             if text:
                 if self._message is None:
-                    out += self._open_message()
+                    out += self._close_reasoning() + self._open_message()
                 m = self._message
                 assert m is not None
                 m["text"].append(text)
@@ -118,7 +166,7 @@ class ResponsesStream:
         fn = tc.get("function") or {}
         call = self._calls.get(index)
         if call is None:
-            out += self._close_message()
+            out += self._close_reasoning() + self._close_message()
             call = {"id": new_id("fc"), "index": len(self._output), "call_id": tc.get("id") or "",
                     "name": fn.get("name") or "", "args": []}
             self._output.append(None)  # type: ignore[arg-type]
@@ -133,7 +181,8 @@ class ResponsesStream:
 
     def _complete(self) -> bytes:
         self._ended = True
-        out = (b"" if self._started else self._start()) + self._close_message() + self._close_calls()
+        out = ((b"" if self._started else self._start()) + self._close_reasoning() + self._close_message()
+               + self._close_calls())
         incomplete = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self._finish or "")
         if incomplete:
             return out + self._event("response.incomplete", response=self._snapshot(
@@ -142,7 +191,8 @@ class ResponsesStream:
 
     def _fail(self, code: str, message: str) -> bytes:
         self._ended = True
-        out = (b"" if self._started else self._start()) + self._close_message() + self._close_calls()
+        out = ((b"" if self._started else self._start()) + self._close_reasoning() + self._close_message()
+               + self._close_calls())
         error = {"code": "rate_limit_exceeded" if "rate_limit" in code else "server_error",
                  "message": message, "type": code}
         return (out + self._event("error", code=code, message=message, param=None)

@@ -18,6 +18,7 @@ H_WANT_USAGE = "X-Trex-Want-Usage"
 H_USAGE = "X-Trex-Usage"
 H_FAILURE = "X-Trex-Failure"  # set when the pool could not get a usable answer from the upstream
 H_LATENCY = "X-Trex-Upstream-Latency-Ms"
+H_THINKING = "X-Trex-Thinking"  # the form of Anthropic thinking the upstream model takes
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
 # Failures of the transport rather than an HTTP answer: always worth another candidate.
@@ -38,6 +39,7 @@ class HopRequest:
     key_id: str | None = None  # one of the provider's managed keys, chosen by the ingress
     account_id: str | None = None  # who asks: keeps an account on one managed key
     tokens_estimate: int = 0  # prompt + max output, for a managed key's TPM budget
+    thinking: str | None = None  # "budget" | "adaptive": how an anthropic-format model takes reasoning
 
 
 @dataclass

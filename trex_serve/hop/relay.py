@@ -110,6 +110,8 @@ class HttpRelay:
             headers[hop.H_KEY] = req.api_key
         elif req.key_id:
             headers[hop.H_KEY_ID] = req.key_id
+        if req.thinking:
+            headers[hop.H_THINKING] = req.thinking
         if req.trace_headers:
             headers.update(req.trace_headers)
         tried: set[tuple[str, int]] = set()

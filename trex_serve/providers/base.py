@@ -3,6 +3,7 @@ so a fallback can translate the same request again. It never mutates the caller'
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -70,7 +71,10 @@ class Adapter(Protocol):
     format: str
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider) -> UpstreamCall: ...
+              api_key: str | None, provider: Provider, *, thinking: str | None = None) -> UpstreamCall:
+        """``thinking``: how the upstream model takes reasoning, where the format has several
+        forms (the catalog candidate's ``thinking``)."""
+        ...
 
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]: ...
 
@@ -141,14 +145,16 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
+# Each provider format's adapter module, in one place: imported the first time the format is asked
+# for (the module registers its adapter), whatever else of the package was imported before.
+ADAPTER_MODULES = {"openai": "trex_serve.providers.openai_chat", "anthropic": "trex_serve.providers.anthropic"}
+
+
 def adapter_for(fmt: str) -> Adapter:
-    if not _ADAPTERS:
-        from trex_serve.providers import openai_chat  # noqa: F401  (registers itself)
-        try:
-            from trex_serve.providers import anthropic  # noqa: F401
-        except ImportError:
-            pass
-    try:
-        return _ADAPTERS[fmt]
-    except KeyError:
-        raise ValueError(f"no adapter for provider format {fmt!r}") from None
+    adapter = _ADAPTERS.get(fmt)
+    if adapter is None and fmt in ADAPTER_MODULES:
+        importlib.import_module(ADAPTER_MODULES[fmt])
+        adapter = _ADAPTERS.get(fmt)
+    if adapter is None:
+        raise ValueError(f"no adapter for provider format {fmt!r}")
+    return adapter

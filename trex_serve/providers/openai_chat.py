@@ -87,7 +87,7 @@ class OpenAIChatAdapter:
     auth = AuthStyle("Authorization", "Bearer")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider) -> UpstreamCall:
+              api_key: str | None, provider: Provider, *, thinking: str | None = None) -> UpstreamCall:
         out = dict(body)
         out["model"] = upstream_model
         if stream:

@@ -21,6 +21,7 @@ class Target:
     provider: str
     upstream_model: str
     model: Model  # the public catalog entry: tier, prices, context window
+    thinking: str | None = None  # the form of Anthropic thinking this upstream model takes (Candidate)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,7 +56,7 @@ class RoutingTable:
 
 
 def _chain(model: Model) -> list[Target]:
-    return [Target(c.provider, c.model, model) for c in model.candidates]
+    return [Target(c.provider, c.model, model, c.thinking) for c in model.candidates]
 
 
 def _qualified(catalog: Catalog, name: str) -> list[Target] | None:
@@ -65,7 +66,7 @@ def _qualified(catalog: Catalog, name: str) -> list[Target] | None:
     for model in catalog.models:
         for cand in model.candidates:
             if cand.provider == provider and (cand.model == rest or model.id == rest):
-                return [Target(provider, cand.model, model)]
+                return [Target(provider, cand.model, model, cand.thinking)]
     return []
 
 

@@ -4,6 +4,7 @@ errors in Anthropic's shape. Mixed into :class:`~trex_serve.local.mock_upstream.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import uuid
 from typing import Any
@@ -69,6 +70,10 @@ class AnthropicAnswers:
             self._count(400)
             return _anthropic_error(400, "model rejected by upstream" if body.get("model") == "reject-me"
                                     else "max_tokens and messages: Field required")
+        refused = _thinking_refusal(body)
+        if refused:
+            self._count(400)
+            return _anthropic_error(400, refused)
         last = messages[-1] if isinstance(messages[-1], dict) else {}
         text = f"Hello from {self.name}! You said: {_anthropic_text(last.get('content'))[:200]}"
         system = body.get("system")
@@ -81,12 +86,15 @@ class AnthropicAnswers:
             tool = {"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:12],
                     "name": choice.get("name") or body["tools"][0].get("name"),
                     "input": {"query": _anthropic_text(last.get("content"))[:100]}}
+        thought = _thought(body, last)
         if body.get("stream"):
-            return await self._anthropic_stream(request, body, text, prompt_tokens, tool)
+            return await self._anthropic_stream(request, body, text, prompt_tokens, tool, thought)
         if self.faults.malformed_rate and random.random() < self.faults.malformed_rate:
             self._count(200)
             return web.Response(body=b'{"id": "broken", "content": [', content_type="application/json")
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if thought is not None:
+            content.insert(0, thought)
         if tool is not None:
             content.append(tool)
         answer: dict[str, Any] = {
@@ -102,7 +110,8 @@ class AnthropicAnswers:
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 
     async def _anthropic_stream(self, request: web.Request, body: dict, text: str, prompt_tokens: int,
-                                tool: dict[str, Any] | None) -> web.StreamResponse:
+                                tool: dict[str, Any] | None, thought: dict[str, Any] | None = None,
+                                ) -> web.StreamResponse:
         f = self.faults
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -117,7 +126,20 @@ class AnthropicAnswers:
             "id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
             "model": body.get("model"), "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": usage}}))
-        await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+        at = 0  # the text block's index: after the thinking block when there is one
+        if thought is not None:
+            await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                          "content_block": {"type": "thinking", "thinking": "",
+                                                                            "signature": ""}}))
+            words_t = thought["thinking"].split(" ")
+            for part in (" ".join(words_t[:len(words_t) // 2]), " " + " ".join(words_t[len(words_t) // 2:])):
+                await resp.write(_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                              "delta": {"type": "thinking_delta", "thinking": part}}))
+            await resp.write(_sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "signature_delta", "signature": thought["signature"]}}))
+            await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            at = 1
+        await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": at,
                                                       "content_block": {"type": "text", "text": ""}}))
         await resp.write(_sse("ping", {"type": "ping"}))
         n = max(1, min(f.stream_chunks, len(words)))
@@ -129,18 +151,18 @@ class AnthropicAnswers:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
             await resp.write(_sse("content_block_delta", {
-                "type": "content_block_delta", "index": 0,
+                "type": "content_block_delta", "index": at,
                 "delta": {"type": "text_delta", "text": (" " if i else "") + piece}}))
-        await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": at}))
         if tool is not None:
             args = orjson.dumps(tool["input"]).decode()
-            await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": 1,
+            await resp.write(_sse("content_block_start", {"type": "content_block_start", "index": at + 1,
                                                           "content_block": {**tool, "input": {}}}))
             for part in (args[:len(args) // 2], args[len(args) // 2:]):
                 await resp.write(_sse("content_block_delta", {
-                    "type": "content_block_delta", "index": 1,
+                    "type": "content_block_delta", "index": at + 1,
                     "delta": {"type": "input_json_delta", "partial_json": part}}))
-            await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": 1}))
+            await resp.write(_sse("content_block_stop", {"type": "content_block_stop", "index": at + 1}))
         delta: dict[str, Any] = {"type": "message_delta",
                                  "delta": {"stop_reason": "tool_use" if tool else "end_turn",
                                            "stop_sequence": None}}
@@ -150,3 +172,37 @@ class AnthropicAnswers:
         await resp.write(_sse("message_stop", {"type": "message_stop"}))
         await resp.write_eof()
         return resp
+
+
+def _thought(body: dict[str, Any], last: dict[str, Any]) -> dict[str, Any] | None:
+    """A signed thinking block when the request turned thinking on, as Anthropic answers then."""
+    kind = (body.get("thinking") or {}).get("type") if isinstance(body.get("thinking"), dict) else None
+    if kind not in ("enabled", "adaptive"):
+        return None
+    thinking = f"Thinking about: {_anthropic_text(last.get('content'))[:80]}"
+    return {"type": "thinking", "thinking": thinking,
+            "signature": "sig_" + hashlib.sha256(thinking.encode()).hexdigest()[:32]}
+
+
+def _thinking_refusal(body: dict[str, Any]) -> str | None:
+    """Anthropic's own refusals of a thinking request the mock enforces, so that a mapping that breaks
+    them fails in tests as it would in production."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if budget >= int(body.get("max_tokens") or 0):
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if "temperature" in body and body["temperature"] != 1:
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    for msg in body.get("messages") or []:
+        for block in msg.get("content") if isinstance(msg, dict) and isinstance(msg.get("content"), list) else []:
+            if isinstance(block, dict) and block.get("type") == "thinking":
+                if not block.get("signature"):
+                    return "messages: thinking block is missing its signature"
+                if "cache_control" in block:
+                    return "messages: thinking blocks cannot have cache_control"
+    return None

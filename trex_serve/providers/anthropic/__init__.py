@@ -46,10 +46,10 @@ class AnthropicAdapter:
     auth = AuthStyle("x-api-key")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider) -> UpstreamCall:
+              api_key: str | None, provider: Provider, *, thinking: str | None = None) -> UpstreamCall:
         if api != "chat":
             raise ValueError(f"the anthropic adapter serves the chat API only, not {api!r}")
-        payload = orjson.dumps(to_anthropic(body, upstream_model, stream))
+        payload = orjson.dumps(to_anthropic(body, upstream_model, stream, thinking))
         return upstream_call(provider, "/messages", payload, api_key,
                              {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION},
                              self.auth)

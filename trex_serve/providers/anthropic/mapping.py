@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from trex_serve.providers.anthropic import thinking
 from trex_serve.providers.base import Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -93,7 +94,7 @@ def _tool_input(arguments: Any) -> Any:
 def _message(msg: dict[str, Any]) -> tuple[str, list[dict[str, Any]]] | None:
     role = msg.get("role")
     if role == "assistant":
-        blocks = _blocks(msg.get("content"))
+        blocks = thinking.request_blocks(msg) + _blocks(msg.get("content"))
         for call in msg.get("tool_calls") or []:
             fn = call.get("function") or {}
             blocks.append({"type": "tool_use", "id": call.get("id") or "", "name": fn.get("name") or "",
@@ -168,8 +169,10 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     return mapped
 
 
-def to_anthropic(body: dict[str, Any], upstream_model: str, stream: bool) -> dict[str, Any]:
-    """The Anthropic Messages request for an OpenAI chat completions body (a new dict)."""
+def to_anthropic(body: dict[str, Any], upstream_model: str, stream: bool,
+                 thinking_form: str | None = None) -> dict[str, Any]:
+    """The Anthropic Messages request for an OpenAI chat completions body (a new dict).
+    ``thinking_form``: how the upstream model takes reasoning ("budget" | "adaptive")."""
     system, messages = _messages(list(body.get("messages") or []))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
     out: dict[str, Any] = {"model": upstream_model, "messages": messages, "max_tokens": max_tokens}
@@ -190,6 +193,7 @@ def to_anthropic(body: dict[str, Any], upstream_model: str, stream: bool) -> dic
             out["tool_choice"] = choice
     if isinstance(body.get("user"), str):
         out["metadata"] = {"user_id": body["user"]}
+    thinking.apply_effort(out, body.get("reasoning_effort"), thinking_form)
     if stream:
         out["stream"] = True
     return out
@@ -211,7 +215,7 @@ def to_openai(data: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
                           "function": {"name": block.get("name") or "",
                                        "arguments": orjson.dumps(block.get("input") or {}).decode()}})
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None,
-                               "refusal": None}
+                               "refusal": None, **thinking.answer_fields(data.get("content") or [])}
     if calls:
         message["tool_calls"] = calls
     answer: dict[str, Any] = {

@@ -31,6 +31,7 @@ class AnthropicStream:
         self._usage: dict[str, Any] = {}  # Anthropic's usage fields as last reported (cumulative)
         self._final_usage = False
         self._tools: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
+        self._thinking: dict[int, dict[str, str]] = {}  # open thinking blocks: text and signature so far
         self._done = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -77,6 +78,15 @@ class AnthropicStream:
             if block.get("type") == "text" and block.get("text"):
                 self.delivered_chars += len(block["text"])
                 return self._chunk({"content": block["text"]})
+            if block.get("type") == "thinking":
+                text = str(block.get("thinking") or "")
+                self._thinking[int(obj.get("index") or 0)] = {"type": "thinking", "thinking": text,
+                                                              "signature": str(block.get("signature") or "")}
+                self.delivered_chars += len(text)
+                return self._chunk({"reasoning_content": text}) if text else None
+            if block.get("type") == "redacted_thinking":  # opaque: passed on as it came, whole
+                return self._chunk({"thinking_blocks": [{"type": "redacted_thinking",
+                                                         "data": str(block.get("data") or "")}]})
             return None
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
@@ -91,7 +101,20 @@ class AnthropicStream:
                     return None
                 self.delivered_chars += len(part)
                 return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": part}}]})
-            return None  # thinking / signature deltas are not part of the chat schema
+            open_block = self._thinking.get(int(obj.get("index") or 0))
+            if open_block is not None and delta.get("type") == "thinking_delta":
+                text = str(delta.get("thinking") or "")
+                open_block["thinking"] += text
+                self.delivered_chars += len(text)
+                return self._chunk({"reasoning_content": text}) if text else None
+            if open_block is not None and delta.get("type") == "signature_delta":
+                open_block["signature"] += str(delta.get("signature") or "")
+            return None
+        if kind == "content_block_stop":
+            # A finished thinking block goes to the client whole, with its signature, so that it can
+            # send it back in a tool loop.
+            done = self._thinking.pop(int(obj.get("index") or 0), None)
+            return self._chunk({"thinking_blocks": [done]}) if done is not None else None
         if kind == "message_delta":
             self._take_usage(obj.get("usage"))
             self._final_usage = self._final_usage or isinstance((obj.get("usage") or {}).get("output_tokens"), int)
@@ -112,7 +135,7 @@ class AnthropicStream:
             body = {"error": {"message": str(err.get("message") or code), "type": "upstream_error",
                               "code": code}}
             return b"data: " + orjson.dumps(body)
-        return None  # ping, content_block_stop, unknown future events
+        return None  # ping, unknown future events
 
     def feed(self, chunk: bytes) -> bytes:
         out = [e for e in (self._event(ev) for ev in self._split.feed(chunk)) if e]
