@@ -42,6 +42,8 @@ def gateway(tmp_path_factory):
                         capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
+        for m in mocks.values():  # a failed start must not leave the mock processes behind
+            m.stop()
         pytest.fail(up.stdout[-3000:] + up.stderr[-3000:])
     base = f"http://127.0.0.1:{port}"
     admin = httpx.Client(base_url=f"{base}/admin/v1", headers={"Authorization": "Bearer op-token-e2e"}, timeout=30)
