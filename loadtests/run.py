@@ -23,7 +23,6 @@ import time  # noqa: E402
 import uuid  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from decimal import ROUND_CEILING, Decimal  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -34,6 +33,10 @@ from locust import constant, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
 from loadtests.common import RECORDER, Admin, Mock, Record, TrexUser, percentile  # noqa: E402
+from trex_serve.billing.prices import price_book  # noqa: E402
+from trex_serve.billing.pricing import charge_micro  # noqa: E402
+from trex_serve.catalog import load_catalog  # noqa: E402
+from trex_serve.providers.usage import Usage  # noqa: E402
 
 SUITES = ("steady", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss")
 
@@ -60,6 +63,11 @@ class Catalog:
         self.raw = yaml.safe_load(Path(path).read_text())
         self.providers = {p["name"]: p for p in self.raw.get("providers") or []}
         self.models = {m["id"]: m for m in self.raw.get("models") or []}
+        # The gateway's own prices per token class (catalog, else price database with the markup, else
+        # the input/output price): the YAML's input/output numbers alone miss cache classes and
+        # models the catalog leaves unpriced.
+        self.parsed = load_catalog(path)
+        self.prices = price_book(self.parsed)
 
     def pick_model(self, tier: str) -> str:
         for mid, m in self.models.items():
@@ -70,15 +78,12 @@ class Catalog:
     def candidates(self, model: str) -> list[str]:
         return [c["provider"] for c in self.models[model]["candidates"]]
 
-    def price(self, model: str) -> tuple[Decimal, Decimal]:
-        p = self.models[model].get("price") or {}
-        return Decimal(str(p.get("input_per_mtok", 0))), Decimal(str(p.get("output_per_mtok", 0)))
-
-    def cost_micro(self, model: str, usage: dict) -> int:
-        """Micro-credits at catalog prices (credits per 1M tokens = micro-credits per token), rounded up."""
-        pin, pout = self.price(model)
-        total = int(usage.get("prompt_tokens", 0)) * pin + int(usage.get("completion_tokens", 0)) * pout
-        return int(total.to_integral_value(rounding=ROUND_CEILING))
+    def cost_micro(self, model: str, usage: dict, provider: str | None, upstream: str | None, plan: str | None) -> int:
+        """Micro-credits the gateway charges for an answer's usage (OpenAI's fields, as the client saw
+        them) served by ``provider``/``upstream``: each token class at its price, rounded up once. The
+        client's fields do not tell 1-hour cache writes apart: they count here as 5-minute ones."""
+        prices = self.prices.for_target(self.parsed.model(model), provider, upstream, plan)
+        return charge_micro(Usage.from_openai(usage) or Usage(), prices)
 
     def mock(self, provider: str) -> Mock:
         return Mock(self.providers[provider]["base_url"])
@@ -423,8 +428,9 @@ class Billing(Suite):
         wrong = [r for r in prem if r.headers.get("x-trex-billing") != "credits"]
         ctx.check(not wrong, f"billing: {len(wrong)} premium answers not billed in credits")
         ctx.check(len(prem) > 0 and len(std) > 0, "billing: need both premium and standard answers")
-        expected = sum(ctx.catalog.cost_micro(r.model, r.usage or {}) for r in ok
-                       if r.headers.get("x-trex-billing") == "credits")
+        expected = sum(ctx.catalog.cost_micro(r.model, r.usage or {}, r.provider,
+                                              r.headers.get("x-trex-upstream-model"), ctx.args.plan)
+                       for r in ok if r.headers.get("x-trex-billing") == "credits")
         quota_reqs = [r for r in ok if r.headers.get("x-trex-billing") == "quota"]
         quota_tokens = sum(int((r.usage or {}).get("total_tokens", 0)) for r in quota_reqs)
         acc = ctx.account["id"]
@@ -441,7 +447,7 @@ class Billing(Suite):
             time.sleep(0.3)
         refunded = after["credits"]["refunded_micro"] - b0["refunded_micro"]
         ctx.check(charged == expected, f"billing: ledger charged {charged} micro-credits, the 200 answers' usage "
-                  f"at catalog prices sums to {expected} (diff {charged - expected})")
+                  f"at the gateway's class prices sums to {expected} (diff {charged - expected})")
         live = after.get("live_balance_micro")
         ledger = after["credits"].get("ledger_balance_micro", after["credits"]["balance_micro"])
         ctx.check(live == ledger, f"billing: live balance {live} != ledger balance {ledger}")

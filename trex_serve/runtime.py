@@ -16,6 +16,7 @@ from trex_serve.admission.counters import CounterStore
 from trex_serve.admission.keygate import KeyGate
 from trex_serve.billing import pricing as billing
 from trex_serve.billing.balances import booked_totals
+from trex_serve.billing.prices import price_book
 from trex_serve.billing.streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.billing.writer import BatchWriter
 from trex_serve.catalog import Catalog, load_catalog
@@ -77,6 +78,8 @@ class Runtime:
         overrides = {k: v for k, v in args.items() if k in Settings.__dataclass_fields__ and v}
         settings = replace(settings, **overrides)
         catalog = load_catalog(settings.catalog_path)
+        # Loading the price database blocks ~0.15 s: here, not in the first request of each route.
+        await asyncio.to_thread(price_book(catalog).warm)
         if not settings.secret_key:
             raise RuntimeError("TREX_SECRET_KEY must be set: it encrypts provider keys at rest")
         if not settings.redis_url:

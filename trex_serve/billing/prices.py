@@ -101,6 +101,19 @@ class PriceBook:
         """Each class's price and its source (``trex-serve prices``)."""
         return self._quotes(model.id, provider, upstream_model, plan)[1]
 
+    def warm(self) -> int:
+        """Price every route of the catalog for every plan now, so no request pays for loading the
+        database (~0.15 s, blocking) or a lookup. Call it at startup, off the event loop. Returns
+        how many (route, plan) pairs were priced."""
+        plans: list[str | None] = [None, *(p.name for p in self.catalog.plans)]
+        n = 0
+        for model in self.catalog.models:
+            for cand in model.candidates:
+                for plan in plans:
+                    self._quotes(model.id, cand.provider, cand.model, plan)
+                    n += 1
+        return n
+
     def markup_pct(self, plan: str | None) -> float:
         p = self.catalog.plan(plan) if plan else None
         if p is not None and p.price_markup_pct is not None:

@@ -28,6 +28,7 @@ def render(catalog_path: str, plan: str | None = None) -> str:
     book = price_book(catalog)
     lines = [f"Compute Credits per 1M tokens ({catalog_path}"
              + (f", plan {plan}" if plan else "") + f"; database markup {book.markup_pct(plan):g}%)"]
+    unknown: list[str] = []
     for model in catalog.models:
         lines.append("")
         lines.append(f"{model.id} ({model.tier})")
@@ -37,6 +38,14 @@ def render(catalog_path: str, plan: str | None = None) -> str:
             for name in CLASSES:
                 q = quotes[name]
                 lines.append(f"    {_HEAD[name]:<15} {_num(q.price):>10}   {q.source}")
+            missing = [name for name in ("input", "output") if quotes[name].source == "none"]
+            if missing:
+                unknown.append(f"  {model.id} via {cand.provider} / {cand.model}: {', '.join(missing)}")
+    if unknown:
+        # A zero price is almost always a catalog mistake (a typo in the upstream model's name, a
+        # model too new for the database): say so apart, where it cannot be missed.
+        lines += ["", "Unknown prices (neither the catalog nor the price database has them; billed at 0):",
+                  *unknown]
     return "\n".join(lines)
 
 
