@@ -147,6 +147,16 @@ def test_owner_signs_in_creates_a_key_binds_a_provider_and_finds_the_request_in_
                  headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
     rid = r.headers["X-Trex-Request-Id"]
+    # A cached Anthropic answer (the provider's own usage, replayed by the mock): its token classes show
+    # in the log row and in today's totals.
+    gateway.mocks["alpha"].control(usage={"input_tokens": 1200, "cache_read_input_tokens": 30000,
+                                          "cache_creation_input_tokens": 2000, "output_tokens": 500,
+                                          "cache_creation": {"ephemeral_5m_input_tokens": 1500,
+                                                             "ephemeral_1h_input_tokens": 500}})
+    cached = api.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "cached-claude", "messages": [{"role": "user", "content": "again"}]})
+    assert cached.status_code == 200, cached.text
+    cached_rid = cached.headers["X-Trex-Request-Id"]
     bad = api.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                    json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
     assert bad.status_code == 404
@@ -158,11 +168,16 @@ def test_owner_signs_in_creates_a_key_binds_a_provider_and_finds_the_request_in_
         page.locator("#logs-form").get_by_role("button", name="Apply").click()
         page.wait_for_timeout(300)
     assert "gpt-4o-mini" in logs.inner_text()
+    cached_row = logs.locator("tr", has_text=cached_rid)
+    cached_row.wait_for()
+    assert "cache read" in cached_row.inner_text() and "cache write 1h" in cached_row.inner_text()
 
     page.get_by_role("button", name="Refresh").click()
     page.locator("#traffic-totals").get_by_text("requests").wait_for()
     page.wait_for_function("document.querySelector('#traffic-totals').textContent.match(/[1-9]\\d* requests/)")
     page.locator("#audit-table").get_by_text("binding.put").wait_for()
+    page.locator("#token-classes").get_by_text("Cache reads").wait_for()
+    page.wait_for_function("document.querySelector('#token-classes').textContent.match(/30,?000/)")
 
     page.locator("#new-key").evaluate("n => n.hidden = true")  # the key is not kept in the screenshots
     shot(page, "dashboard-overview", "#overview")

@@ -411,7 +411,9 @@
     $("logs-form").addEventListener("submit", (event) => { event.preventDefault(); guarded(() => loadLogs(true)); });
     $("logs-older").addEventListener("click", () => { if (nextBefore) { logCursors.push(nextBefore); guarded(() => loadLogs(false)); } });
     $("logs-newer").addEventListener("click", () => { if (logCursors.length > 1) { logCursors.pop(); guarded(() => loadLogs(false)); } });
-    $("traffic-refresh").addEventListener("click", () => guarded(loadTraffic, "Traffic refreshed."));
+    // The usage figures (quota, credits, tokens by class) move with the traffic: refreshed together.
+    $("traffic-refresh").addEventListener("click",
+      () => guarded(() => Promise.all([loadTraffic(), loadUsage()]), "Traffic and usage refreshed."));
     const saved = store.getItem("trex.session");
     if (saved) {
       const s = JSON.parse(saved);
