@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -10,10 +11,38 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port free now, for a server to bind a moment later. Taken below the kernel's ephemeral
+    range: a port the kernel hands out itself (bind to 0) is also what it gives the next outgoing
+    connection, which then holds it when the server binds ("Address already in use" under load)."""
+    low, _ = _ephemeral_range()
+    top = min(low, 65536) - 1
+    for _ in range(200):
+        port = random.randint(max(1024, top - 12000), top)
+        if _bindable(port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: the kernel's pick
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    # Servers here bind 0.0.0.0 (Serve's HAProxy) or 127.0.0.1: the port must be free on both.
+    for addr in ("0.0.0.0", "127.0.0.1"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((addr, port))
+            except OSError:
+                return False
+    return True
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
