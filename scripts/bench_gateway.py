@@ -2,10 +2,12 @@
 the upstream directly (the limit) and Trex Serve's full path (auth, admission, routing, one relay
 hop, settlement, log), non-streaming and streaming, at 1 and 32 connections; optionally the same
 gateway with every risk control enabled on the key, LiteLLM's proxy when it is installed, and
-Portkey's gateway (one Node process) when `--portkey-dir` names a folder holding it:
+Portkey's gateway (one Node process) when `--portkey-dir` names a folder holding it, and
+TensorZero's Rust gateway when `--tensorzero-python` names a Python with `tensorzero` installed:
 
     .venv/bin/python scripts/bench_gateway.py [--duration 10] [--risk] [--litellm] \
-        [--portkey-dir /tmp/portkey]      # npm install @portkey-ai/gateway there first
+        [--portkey-dir /tmp/portkey] \\   # npm install @portkey-ai/gateway there first
+        [--tensorzero-python /tmp/tz/bin/python]   # python -m venv /tmp/tz; /tmp/tz/bin/pip install tensorzero
 
 Needs `wrk` (Debian package `wrk`). Prints a table and the ratios; nothing here is a test.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_anchors import start_tensorzero  # noqa: E402
 from trex_serve.local.embedded import free_port, port_open  # noqa: E402
 
 WARMUP_S = 5
@@ -100,6 +103,8 @@ def main() -> int:
                     help="the litellm executable (e.g. from a separate venv, its pins clash with ours)")
     ap.add_argument("--portkey-dir", type=Path, default=None,
                     help="a folder where `npm install @portkey-ai/gateway` was run: Portkey runs in the same run")
+    ap.add_argument("--tensorzero-python", default=None,
+                    help="a Python with `pip install tensorzero` (its own venv): TensorZero runs in the same run")
     ap.add_argument("--serve-path", action="store_true",
                     help="also measure the gateway's hot route through Serve's port (the path before the "
                          "direct data servers: they are put in maintenance for that row)")
@@ -120,6 +125,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     cpu_note = ""
     portkey = start_portkey(args.portkey_dir, mock_port) if args.portkey_dir else None
+    tz = start_tensorzero(args.tensorzero_python, mock_port, BODY) if args.tensorzero_python else None
     try:
         up = subprocess.run([*cli, "up", "--detach", "--ray-port", str(free_port()), "--num-cpus", "2"], env=env,
                             capture_output=True, text=True)
@@ -144,6 +150,8 @@ def main() -> int:
         wrk(f"{base}/v1/chat/completions", 32, WARMUP_S, BODY, risky or key)
         if portkey:
             wrk(portkey[1], 32, WARMUP_S, BODY, "sk-x", portkey[2])
+        if tz:
+            wrk(tz[1], 32, WARMUP_S, tz[2], None)
         for c in (1, 32):
             results[f"upstream direct, c={c}"] = wrk(f"http://127.0.0.1:{mock_port}/v1/chat/completions", c,
                                                      args.duration, BODY, None)
@@ -168,12 +176,15 @@ def main() -> int:
                         f"{base}/v1/chat/completions", c, args.duration, BODY, risky or key)
             if portkey:
                 results[f"portkey gateway, c={c}"] = wrk(portkey[1], c, args.duration, BODY, "sk-x", portkey[2])
+            if tz:
+                results[f"tensorzero gateway, c={c}"] = wrk(tz[1], c, args.duration, tz[2], None)
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True)
         mock.kill()
-        if portkey:
-            portkey[0].kill()
-            portkey[0].wait()
+        for side in (portkey, tz):
+            if side:
+                side[0].kill()
+                side[0].wait()
     if args.litellm:
         results.update(run_litellm(args.litellm_bin, mock_port, args.duration))
     print(f"\n{'path':52} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
@@ -201,6 +212,12 @@ def main() -> int:
         gw1 = results.get("gateway non-stream, all risk controls, c=1") or results["gateway non-stream, c=1"]
         print(f"Trex ({which}) / Portkey: req/s at 32 connections {gw32['rps'] / max(portkey[32]['rps'], 1):.2f}x "
               f"(target >= 1.0), p50 at 1 connection {gw1['p50'] / portkey[1]['p50']:.2f}x (target <= 1.5)")
+    tzr = {c: results.get(f"tensorzero gateway, c={c}") for c in (1, 32)}
+    if tzr[1] and tzr[32]:
+        gw32 = results.get("gateway non-stream, all risk controls, c=32") or results["gateway non-stream, c=32"]
+        gw1 = results.get("gateway non-stream, all risk controls, c=1") or results["gateway non-stream, c=1"]
+        print(f"Trex / TensorZero: req/s at 32 connections {gw32['rps'] / max(tzr[32]['rps'], 1):.2f}x "
+              f"(target >= 0.5), p50 at 1 connection {gw1['p50'] / tzr[1]['p50']:.2f}x")
     return 0
 
 
