@@ -113,8 +113,11 @@ def _items(items: list[Any]) -> list[dict[str, Any]]:
             else:
                 raise ResponsesInputError(f"unknown message role {role!r}", "input")
         elif kind == "function_call":
+            name = item.get("name") or ""
+            if item.get("namespace"):  # a namespaced tool's call, as the flattened function it was
+                name = f"{item['namespace']}{NAMESPACE_SEP}{name}"
             call = {"id": item.get("call_id") or item.get("id") or "", "type": "function",
-                    "function": {"name": item.get("name") or "", "arguments": item.get("arguments") or ""}}
+                    "function": {"name": name, "arguments": item.get("arguments") or ""}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -136,15 +139,43 @@ def _items(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
+# A namespace tool's functions reach a chat provider as "<namespace>__<function>"; calls of them are
+# mapped back to {name, namespace} for the client (only for namespaces the request declared).
+NAMESPACE_SEP = "__"
+# Hosted tools a chat provider has no equivalent of, which clients such as Codex always offer: the
+# model is served without them (docs/CLIENTS.md). Any other hosted tool is refused by name.
+_OPTIONAL_HOSTED = ("web_search", "web_search_preview")
+
+
+def _chat_function(tool: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+    fn["name"] = prefix + str(fn.get("name") or "")
+    return {"type": "function", "function": fn}
+
+
 def _chat_tools(tools: list[Any]) -> list[dict[str, Any]]:
     out = []
-    for tool in tools:
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else tool
-            raise ResponsesInputError(f"tools of type {kind!r} are not supported by this model", "tools")
-        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
-        out.append({"type": "function", "function": fn})
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else tool
+        if kind == "function":
+            out.append(_chat_function(tool))
+        elif kind == "namespace":
+            prefix = f"{tool.get('name') or ''}{NAMESPACE_SEP}"
+            out.extend(_chat_function(t, prefix) for t in tool.get("tools") or []
+                       if isinstance(t, dict) and t.get("type") == "function")
+        elif kind not in _OPTIONAL_HOSTED:
+            raise ResponsesInputError(f"tools[{i}]: tools of type {kind!r} are not supported by this model "
+                                      f"(no provider of it serves the Responses API natively)", f"tools[{i}]")
     return out
+
+
+def split_namespace(name: str, request: dict[str, Any]) -> dict[str, str]:
+    """``name`` (and ``namespace``) of a function call item, for a flattened namespaced function."""
+    ns, sep, fn = name.partition(NAMESPACE_SEP)
+    if sep and any(isinstance(t, dict) and t.get("type") == "namespace" and t.get("name") == ns
+                   for t in request.get("tools") or []):
+        return {"name": fn, "namespace": ns}
+    return {"name": name}
 
 
 def _chat_tool_choice(choice: Any) -> Any:
@@ -237,9 +268,10 @@ def message_item(item_id: str, text: str, status: str, refusal: str | None = Non
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
-def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name,
-            "arguments": arguments, "status": status}
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str,
+              request: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id,
+            **split_namespace(name, request or {}), "arguments": arguments, "status": status}
 
 
 def chat_to_response(chat_json: bytes | dict[str, Any], request_body: dict[str, Any]) -> dict[str, Any]:
@@ -261,7 +293,7 @@ def chat_to_response(chat_json: bytes | dict[str, Any], request_body: dict[str, 
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
         output.append(call_item(new_id("fc"), call.get("id") or "", fn.get("name") or "",
-                                 fn.get("arguments") or "", "completed"))
+                                 fn.get("arguments") or "", "completed", request_body))
     if not output:
         output.append(message_item(new_id("msg"), "", "completed"))
     finish = choice.get("finish_reason")

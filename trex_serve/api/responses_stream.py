@@ -123,7 +123,7 @@ class ResponsesStream:
         out = b""
         for call in self._calls.values():
             args = "".join(call["args"])
-            item = call_item(call["id"], call["call_id"], call["name"], args, "completed")
+            item = call_item(call["id"], call["call_id"], call["name"], args, "completed", self.request)
             self._output[call["index"]] = item
             out += (self._event("response.function_call_arguments.done", item_id=call["id"],
                                 output_index=call["index"], arguments=args)
@@ -172,7 +172,8 @@ class ResponsesStream:
             self._output.append(None)  # type: ignore[arg-type]
             self._calls[index] = call
             out += self._event("response.output_item.added", output_index=call["index"],
-                               item=call_item(call["id"], call["call_id"], call["name"], "", "in_progress"))
+                               item=call_item(call["id"], call["call_id"], call["name"], "", "in_progress",
+                                              self.request))
         if fn.get("arguments"):
             call["args"].append(fn["arguments"])
             out += self._event("response.function_call_arguments.delta", item_id=call["id"],
