@@ -128,6 +128,9 @@ models:
     candidates:
       - {{provider: alpha, model: reject-me}}
 smart_auto: [gpt-4o-mini]
+aliases:
+  "claude-sonnet-4-*": claude-sonnet
+  haiku: gpt-4o-mini
 plans:
   - name: free
     rpm: 1000

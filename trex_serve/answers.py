@@ -71,6 +71,7 @@ class Call:
     translate: bool = False
     tokens_estimate: int = 0  # prompt + max output: what a managed key's TPM budget reserves
     response_request: dict[str, Any] | None = None
+    client_headers: dict[str, str] | None = None  # a Messages client's anthropic-version / -beta
     trace: tracing.RequestTrace | None = None
 
     def headers(self) -> dict[str, str]:

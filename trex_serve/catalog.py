@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +65,9 @@ class Provider(_Strict):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_byte_timeout_s: float | None = Field(default=None, gt=0)
     supports_responses: bool = False
+    # An openai-format provider that honours Anthropic-style cache_control marks on content parts
+    # (OpenRouter, LiteLLM-fronted Anthropic): the marks of a /v1/messages request are kept for it.
+    cache_control: bool = False
     max_stream_s: float | None = Field(default=None, gt=0)  # a stream longer than this is cut
     headers: dict[str, str] = Field(default_factory=dict)
     # The provider's id in the price database (genai-prices: openai, anthropic, google, azure, ...);
@@ -220,6 +224,9 @@ class Catalog(_Strict):
     plans: list[Plan] = Field(default_factory=lambda: [Plan(name="free")])
     health: HealthSettings = Field(default_factory=HealthSettings)
     price_markup_pct: float = Field(default=0.0, ge=0)  # on prices from the price database
+    # Names clients hard-code (Claude Code's dated model names, "sonnet", ...) → a catalog model id
+    # or smart-auto. A key may be a glob ("claude-sonnet-4*"); exact names win, then globs in order.
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Catalog:
@@ -241,6 +248,9 @@ class Catalog(_Strict):
         for i, mid in enumerate(self.smart_auto):
             if mid not in ids:
                 raise ValueError(f"smart_auto.{i}: unknown model {mid!r}")
+        for name, target in self.aliases.items():
+            if target != "smart-auto" and target not in ids:
+                raise ValueError(f"aliases.{name}: unknown model {target!r}")
         plan_names = [p.name for p in self.plans]
         if len(set(plan_names)) != len(plan_names):
             raise ValueError(f"plans: duplicate plan name in {plan_names}")
@@ -251,6 +261,13 @@ class Catalog(_Strict):
         self._providers = {p.name: p for p in self.providers}
         self._models = {m.id: m for m in self.models}
         self._plans = {p.name: p for p in self.plans}
+
+    def alias(self, name: str) -> str | None:
+        """The model id an alias names, or None."""
+        if name in self.aliases:
+            return self.aliases[name]
+        return next((target for pattern, target in self.aliases.items()
+                     if any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(name, pattern)), None)
 
     def provider(self, name: str) -> Provider | None:
         return self._providers.get(name)

@@ -17,6 +17,13 @@ import orjson
 from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Ticket
 from trex_serve.admission.tokens import estimate_messages
 from trex_serve.answers import Answer, Answers, Call
+from trex_serve.api.anthropic_messages import (
+    CountTokensRequest,
+    MessagesRequest,
+    anthropic_error_body,
+    check_messages_request,
+    estimate_prompt,
+)
 from trex_serve.api.messages import check_chat_request, check_responses_request
 from trex_serve.api.responses import ResponsesInputError, responses_to_chat
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
@@ -171,6 +178,61 @@ class Pipeline(Answers):
         except Exception:
             return await self._internal_error(call)
 
+    async def messages(self, raw: bytes, authorization: str | None, client_ip: str,
+                       upstream_key: str | None = None, request_id: str | None = None,
+                       trace_carrier: Mapping[str, str] | None = None,
+                       client_headers: dict[str, str] | None = None) -> Answer:
+        """Anthropic's Messages API: passed through to anthropic-format providers, translated to chat
+        completions (and the answer back) by openai-format pools. Refusals in Anthropic's shape."""
+        call = Call(request_id or new_request_id(), "messages", client_ip)
+        call.client_headers = client_headers
+        tracing.begin(call, trace_carrier)
+        try:
+            payload, request, principal, resolution = await self._front(
+                call, raw, MessagesRequest, authorization, check_messages_request)
+            prompt_tokens = estimate_prompt(payload)
+            ask = AdmitAsk(resolution, prompt_tokens, request.max_tokens, call.request_id, "messages",
+                           request_id is not None)
+            call.tokens_estimate = prompt_tokens + request.max_tokens
+            routes = await self._routes(call, resolution, upstream_key)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
+            payload.pop("trex", None)
+            if call.ticket.downgraded:
+                payload["model"] = SMART_AUTO
+            body = _dumps(payload)
+            answer = await self._attempts(call, routes, lambda _t: ("messages", body), True)
+        except TrexError as exc:
+            await self._settle_failure(call)
+            answer = self._error(call, exc)
+        except Exception:
+            answer = await self._internal_error(call)
+        if answer.status >= 400 and answer.stream is None:
+            answer.status, answer.body = anthropic_error_body(answer.status, answer.body)
+        answer.headers.setdefault("request-id", call.request_id)
+        return answer
+
+    async def count_tokens(self, raw: bytes, authorization: str | None, client_ip: str) -> Answer:
+        """`POST /v1/messages/count_tokens`: the gateway's own estimate of the prompt (messages,
+        system, tools) for a model this key may use. Nothing is reserved or billed."""
+        call = Call(new_request_id(), "count_tokens", client_ip)
+        try:
+            try:
+                payload = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("The request body is not valid JSON.") from None
+            request = parse_model(CountTokensRequest, payload)
+            check_messages_request(payload)
+            principal = call.principal = await self.gate.authenticate(authorization, client_ip)
+            self.gate.check_model(principal, resolve(self.catalog, request.model, None))
+            answer = Answer(200, call.headers(), orjson.dumps({"input_tokens": estimate_prompt(payload)}))
+        except TrexError as exc:
+            answer = self._error(call, exc)
+        if answer.status >= 400:
+            answer.status, answer.body = anthropic_error_body(answer.status, answer.body)
+        answer.headers.setdefault("request-id", call.request_id)
+        return answer
+
     # ---- admission ----------------------------------------------------------------------------
 
     async def _admit(self, call: Call, principal: Principal, ask: AdmitAsk, routes: list[Route],
@@ -230,7 +292,8 @@ class Pipeline(Answers):
             req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, api,
                                  call.stream, want_usage, body, key,
                                  account_id=call.principal.account_id if call.principal else None,
-                                 tokens_estimate=call.tokens_estimate, thinking=target.thinking)
+                                 tokens_estimate=call.tokens_estimate, thinking=target.thinking,
+                                 client_headers=call.client_headers)
             tracing.attempt_begin(call, target.provider, target.upstream_model, req)
             t0 = time.monotonic()
             try:

@@ -147,7 +147,11 @@ class PoolServer:
         if key_id and api_key is None:
             # The ingress offered a key this replica cannot send: out, like a revoked one.
             return _failure(401, "key_unset", f"managed key {key_id} of {provider.name} is not set on the pool")
-        call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING))
+        prefix = hop.H_CLIENT_PREFIX.lower()
+        client = {k[len(prefix):].lower(): v for k, v in h.items()
+                  if k.lower().startswith(prefix)} if api == "messages" else None
+        call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING),
+                             client_headers=client)
         tracing.inject(call.headers)
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)

@@ -19,6 +19,7 @@ H_USAGE = "X-Trex-Usage"
 H_FAILURE = "X-Trex-Failure"  # set when the pool could not get a usable answer from the upstream
 H_LATENCY = "X-Trex-Upstream-Latency-Ms"
 H_THINKING = "X-Trex-Thinking"  # the form of Anthropic thinking the upstream model takes
+H_CLIENT_PREFIX = "X-Trex-Client-"  # a client header passed on to a same-format provider
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
 # Failures of the transport rather than an HTTP answer: always worth another candidate.
@@ -40,6 +41,7 @@ class HopRequest:
     account_id: str | None = None  # who asks: keeps an account on one managed key
     tokens_estimate: int = 0  # prompt + max output, for a managed key's TPM budget
     thinking: str | None = None  # "budget" | "adaptive": how an anthropic-format model takes reasoning
+    client_headers: dict[str, str] | None = None  # anthropic-version / anthropic-beta of a Messages client
 
 
 @dataclass

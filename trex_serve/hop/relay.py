@@ -112,6 +112,8 @@ class HttpRelay:
             headers[hop.H_KEY_ID] = req.key_id
         if req.thinking:
             headers[hop.H_THINKING] = req.thinking
+        for name, value in (req.client_headers or {}).items():
+            headers[hop.H_CLIENT_PREFIX + name] = value
         if req.trace_headers:
             headers.update(req.trace_headers)
         tried: set[tuple[str, int]] = set()

@@ -65,7 +65,7 @@ frontend public
 # Both backends: what may be replayed, and the envelope for an answer no ingress replica gave.
 BACKEND_RULES = """    # Chat and responses are idempotent by the front's request id (billed once however often they
     # arrive); an operator POST (a credit grant) is not, and is never sent twice.
-    acl replayable path /v1/chat/completions /v1/responses
+    acl replayable path /v1/chat/completions /v1/responses /v1/messages
     acl replayable method GET HEAD
     http-request disable-l7-retry if !replayable
     # A 5xx without our request id header did not come from an ingress replica (ours always carry it).
@@ -79,7 +79,7 @@ BACKEND_RULES = """    # Chat and responses are idempotent by the front's reques
 # The hot routes skip Serve's HAProxy and Serve's replica machinery: they go straight to the ingress
 # replicas' own data servers (web/data_server.py), whose addresses front_sync keeps current in the
 # slots below; with none up (the replicas starting) the backup is Serve's port, the path of the rest.
-DATA_ROUTE = """    acl data_post path /v1/chat/completions /v1/responses
+DATA_ROUTE = """    acl data_post path /v1/chat/completions /v1/responses /v1/messages
     acl data_get path /v1/models
     acl data_get path_beg /v1/models/
     use_backend data if METH_POST data_post || METH_GET data_get

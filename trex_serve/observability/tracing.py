@@ -34,7 +34,7 @@ from trex_serve.hop import protocol as hop
 from trex_serve.providers.base import Usage
 
 DEFAULT_SERVICE_NAME = "trex-serve"
-ROUTES = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
+ROUTES = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
 
 _tracer: Tracer | None = None
 _provider: Any = None  # the SDK's TracerProvider once set up

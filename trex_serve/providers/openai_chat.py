@@ -8,6 +8,8 @@ import orjson
 
 from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.catalog import Provider
+from trex_serve.providers.anthropic.from_messages import chat_to_message, messages_to_chat
+from trex_serve.providers.anthropic.messages_stream import ChatToMessagesStream
 from trex_serve.providers.base import (
     AuthStyle,
     ErrorFields,
@@ -82,19 +84,45 @@ class OpenAIStream:
         return tail + usage_comment(usage)
 
 
+class MessagesStream:
+    """Chat chunks read as for the chat route (usage, the settlement trailer), then written in
+    Anthropic's stream grammar for a client of the Messages API."""
+
+    def __init__(self, model: str) -> None:
+        self._chat = OpenAIStream(want_usage=True)
+        self._anthropic = ChatToMessagesStream(model)
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._chat.usage
+
+    @property
+    def delivered_chars(self) -> int:
+        return self._chat.delivered_chars
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._anthropic.feed(self._chat.feed(chunk))
+
+    def finish(self) -> bytes:
+        return self._anthropic.feed(self._chat.finish()) + self._anthropic.finish()
+
+
 class OpenAIChatAdapter:
     format = "openai"
     auth = AuthStyle("Authorization", "Bearer")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider, *, thinking: str | None = None) -> UpstreamCall:
+              api_key: str | None, provider: Provider, *, thinking: str | None = None,
+              client_headers: dict[str, str] | None = None) -> UpstreamCall:
+        if api == "messages":  # Anthropic's Messages API in, chat completions to the provider
+            body = messages_to_chat(body, keep_cache=provider.cache_control)
         out = dict(body)
         out["model"] = upstream_model
         if stream:
             opts = dict(out.get("stream_options") or {})
             opts["include_usage"] = True
             out["stream_options"] = opts
-        path = "/responses" if api == "responses" else "/chat/completions"
+        path = "/responses" if api == "responses" else "/chat/completions"  # messages: chat too
         return upstream_call(provider, path, orjson.dumps(out), api_key,
                              {"Content-Type": "application/json"}, self.auth)
 
@@ -105,9 +133,14 @@ class OpenAIChatAdapter:
             raise ValueError("upstream answered with malformed JSON") from None
         if not isinstance(data, dict):
             raise ValueError("upstream answered with a non-object JSON body")
+        if api == "messages":
+            answer, usage = chat_to_message(data, data.get("model"))
+            return orjson.dumps(answer), usage
         return body, Usage.from_openai(data.get("usage"))
 
-    def stream_translator(self, api: str, want_usage: bool, model: str) -> OpenAIStream:
+    def stream_translator(self, api: str, want_usage: bool, model: str) -> OpenAIStream | MessagesStream:
+        if api == "messages":
+            return MessagesStream(model)
         return OpenAIStream(want_usage)
 
     def translate_error(self, status: int, body: bytes) -> ErrorFields:

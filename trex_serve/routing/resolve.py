@@ -92,6 +92,8 @@ def _unknown_fallback(catalog: Catalog, provider: str, model: str) -> str:
 def resolve(catalog: Catalog, requested: str, routing: TrexRouting | None) -> Resolution:
     """The candidate chain for a request, before health is applied. Raises ModelNotFound."""
     pinned = False
+    if requested != SMART_AUTO and catalog.model(requested) is None:
+        requested = catalog.alias(requested) or requested
     smart = requested == SMART_AUTO
     if smart:
         targets = [t for mid in catalog.smart_auto for t in _chain(catalog.model(mid))]  # type: ignore[arg-type]

@@ -20,7 +20,16 @@ from trex_serve.answers import Answer
 from trex_serve.errors import TrexError
 from trex_serve.pipeline import Pipeline
 from trex_serve.web.front_id import AUTH_HEADER, front_secret, trusted_request_id
-from trex_serve.web.wire import as_trex_error, check_declared_length, refusal, stream_headers, too_large, upstream_key
+from trex_serve.web.wire import (
+    anthropic_auth,
+    anthropic_client_headers,
+    as_trex_error,
+    check_declared_length,
+    refusal,
+    stream_headers,
+    too_large,
+    upstream_key,
+)
 
 HEALTH_PATH = "/-/data-healthz"
 _AUTH = AUTH_HEADER.lower()
@@ -95,6 +104,11 @@ class DataServer:
             front_id = trusted_request_id(headers, secret)
             handler = pipeline.chat if path == "/v1/chat/completions" else pipeline.responses
             return await handler(body, auth, client, key, front_id, trace_carrier=headers)
+        if method == "POST" and path == "/v1/messages":
+            body = await _read_body(request, pipeline.settings.max_body_bytes)
+            return await pipeline.messages(body, anthropic_auth(headers), client, upstream_key(headers),
+                                           trusted_request_id(headers, secret), trace_carrier=headers,
+                                           client_headers=anthropic_client_headers(headers))
         if method == "GET" and path == "/v1/models":
             return await pipeline.models(auth, client)
         if method == "GET" and path.startswith("/v1/models/"):

@@ -23,6 +23,8 @@ from trex_serve.settings import Settings
 from trex_serve.web import openapi
 from trex_serve.web.front_id import front_secret, trusted_request_id
 from trex_serve.web.wire import (
+    anthropic_auth,
+    anthropic_client_headers,
     as_trex_error,
     check_declared_length,
     refusal,
@@ -171,6 +173,27 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
                                           ip(request, pipeline.settings), upstream_key(request.headers),
                                           front_id(request, pipeline.settings), trace_carrier=request.headers)
         return render(answer)
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        body = await read_body(request, pipeline.settings.max_body_bytes)
+        answer = await pipeline.messages(body, anthropic_auth(request.headers), ip(request, pipeline.settings),
+                                         upstream_key(request.headers), front_id(request, pipeline.settings),
+                                         trace_carrier=request.headers,
+                                         client_headers=anthropic_client_headers(request.headers))
+        return render(answer)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        pipeline = await pipeline_ref()
+        body = await read_body(request, pipeline.settings.max_body_bytes)
+        return render(await pipeline.count_tokens(body, anthropic_auth(request.headers),
+                                                  ip(request, pipeline.settings)))
+
+    @app.head("/")
+    async def head_root() -> Response:
+        return Response(status_code=200)  # Claude Code's reachability check before its first request
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

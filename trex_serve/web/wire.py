@@ -40,6 +40,21 @@ def upstream_key(headers: Mapping[str, str]) -> str | None:
     return value
 
 
+def anthropic_auth(headers: Mapping[str, str]) -> str | None:
+    """Anthropic's clients send the key in ``x-api-key`` (Claude Code with ANTHROPIC_AUTH_TOKEN, in
+    ``Authorization: Bearer``): either is the Trex key."""
+    auth = headers.get("authorization")
+    if auth:
+        return auth
+    key = headers.get("x-api-key")
+    return f"Bearer {key}" if key else None
+
+
+def anthropic_client_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers an anthropic-format provider gets from the client (versions, beta features)."""
+    return {name: headers[name] for name in ("anthropic-version", "anthropic-beta") if headers.get(name)}
+
+
 def stream_headers(answer: Answer) -> dict[str, str]:
     headers = dict(answer.headers)
     headers["Cache-Control"] = "no-cache"

@@ -60,6 +60,15 @@ class OpenAIAnswers:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "stop", "logprobs": None}],
         }
+        choice = body.get("tool_choice")
+        if body.get("tools") and (choice == "required" or isinstance(choice, dict)):
+            # A forced tool choice is answered with a call of that (or the first) tool, as OpenAI does.
+            name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+            name = name or (body["tools"][0].get("function") or {}).get("name") or "tool"
+            call = {"id": "call_" + uuid.uuid4().hex[:12], "type": "function",
+                    "function": {"name": name, "arguments": orjson.dumps({"query": str(last)[:100]}).decode()}}
+            answer["choices"][0].update(message={"role": "assistant", "content": None, "tool_calls": [call]},
+                                        finish_reason="tool_calls")
         if not self.faults.omit_usage:
             answer["usage"] = self.faults.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                                "total_tokens": prompt_tokens + len(words)}

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from trex_serve.catalog import Provider
+from trex_serve.providers.anthropic import passthrough
 from trex_serve.providers.anthropic.mapping import ANTHROPIC_VERSION, to_anthropic, to_openai
 from trex_serve.providers.anthropic.stream import AnthropicStream
 from trex_serve.providers.base import (
@@ -46,15 +47,22 @@ class AnthropicAdapter:
     auth = AuthStyle("x-api-key")
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
-              api_key: str | None, provider: Provider, *, thinking: str | None = None) -> UpstreamCall:
+              api_key: str | None, provider: Provider, *, thinking: str | None = None,
+              client_headers: dict[str, str] | None = None) -> UpstreamCall:
+        if api == "messages":  # the same format at both ends: the body as sent
+            return upstream_call(provider, "/messages", passthrough.request_body(body, upstream_model), api_key,
+                                 {"Content-Type": "application/json",
+                                  **passthrough.request_headers(client_headers)}, self.auth)
         if api != "chat":
-            raise ValueError(f"the anthropic adapter serves the chat API only, not {api!r}")
+            raise ValueError(f"the anthropic adapter serves the chat and messages APIs, not {api!r}")
         payload = orjson.dumps(to_anthropic(body, upstream_model, stream, thinking))
         return upstream_call(provider, "/messages", payload, api_key,
                              {"Content-Type": "application/json", "anthropic-version": ANTHROPIC_VERSION},
                              self.auth)
 
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
+        if api == "messages":
+            return passthrough.whole_answer(body)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -64,7 +72,10 @@ class AnthropicAdapter:
         answer, usage = to_openai(data)
         return orjson.dumps(answer), usage
 
-    def stream_translator(self, api: str, want_usage: bool, model: str) -> AnthropicStream:
+    def stream_translator(self, api: str, want_usage: bool,
+                          model: str) -> AnthropicStream | passthrough.AnthropicPassthroughStream:
+        if api == "messages":
+            return passthrough.AnthropicPassthroughStream()
         return AnthropicStream(want_usage, model)
 
     def translate_error(self, status: int, body: bytes) -> ErrorFields:
