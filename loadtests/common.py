@@ -232,6 +232,51 @@ class TrexUser(User):
         self._fire(rec, length)
         return rec
 
+    def messages(self, model: str, content: str = "hello", max_tokens: int = 64, stream: bool = False,
+                 name: str | None = None) -> Record:
+        """Anthropic's Messages API (``/v1/messages``, key in ``x-api-key``), whole or streamed. The
+        record's usage is put in OpenAI's fields, the shape the suites' checks read."""
+        body = {"model": model, "max_tokens": max_tokens, "stream": stream,
+                "messages": [{"role": "user", "content": content}]}
+        rec = Record(name or f"messages {model}", model, stream, self.key_index, time.time())
+        t0 = time.perf_counter()
+        length = 0
+        headers = {"x-api-key": self.keys[self.key_index], "anthropic-version": "2023-06-01",
+                   "Content-Type": "application/json"}
+        try:
+            resp = self.session.post(f"{self.host}/v1/messages", data=json.dumps(body), headers=headers,
+                                     timeout=self.request_timeout_s)
+            rec.ttfb_ms = resp.elapsed.total_seconds() * 1000
+            rec.status = resp.status_code
+            rec.headers = {h: resp.headers[h] for h in TREX_HEADERS if h in resp.headers}
+            length = len(resp.content)
+            usage: dict[str, Any] = {}
+            if resp.status_code != 200:
+                payload = resp.json()
+                rec.error = {"code": (payload.get("error") or {}).get("type"), **(payload.get("error") or {})}
+            elif stream:
+                for line in resp.content.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        event = json.loads(line[5:])
+                        usage.update((event.get("message") or {}).get("usage") or event.get("usage") or {})
+                        rec.text += (event.get("delta") or {}).get("text") or ""
+                if b"message_stop" not in resp.content:
+                    rec.exception = "stream ended without message_stop"
+            else:
+                payload = resp.json()
+                usage = payload.get("usage") or {}
+                rec.text = "".join(b.get("text") or "" for b in payload.get("content") or [])
+            if usage:
+                prompt = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_read_input_tokens",
+                                                              "cache_creation_input_tokens"))
+                rec.usage = {"prompt_tokens": prompt, "completion_tokens": int(usage.get("output_tokens") or 0),
+                             "total_tokens": prompt + int(usage.get("output_tokens") or 0)}
+        except (requests.RequestException, ValueError) as err:
+            rec.exception = f"{type(err).__name__}: {err}"[:300]
+        rec.ended = rec.started + (time.perf_counter() - t0)
+        self._fire(rec, length)
+        return rec
+
     def mixed(self, model: str, stream_share: float = 0.5, **kw: Any) -> Record:
         if random.random() < stream_share:
             return self.chat_stream(model, **kw)

@@ -17,6 +17,7 @@ gevent.monkey.patch_all()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -38,7 +39,7 @@ from trex_serve.billing.pricing import charge_micro  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
 from trex_serve.providers.usage import Usage  # noqa: E402
 
-SUITES = ("steady", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss")
+SUITES = ("steady", "routes", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -221,6 +222,31 @@ class Steady(Suite):
         self.ctx.check(not missing, f"steady: {len(missing)} answers without usage")
         p99 = percentile([r.latency_ms for r in recs], 0.99)
         self.ctx.check(p99 <= self.args.p99_ms, f"steady: p99 {p99:.0f} ms over the bound {self.args.p99_ms:.0f} ms")
+
+
+class Routes(Suite):
+    """Anthropic's /v1/messages (whole and streamed) mixed with the OpenAI chat route on the same
+    keys and model: zero failures, usage on every answer, every route in the logs."""
+
+    def prepare(self):
+        self.ctx.new_account(max(1, self.args.users))
+        model = self.ctx.standard
+
+        def task(u):
+            pick = random.random()
+            if pick < 0.25:
+                return u.messages(model, content="routes load")
+            if pick < 0.5:
+                return u.messages(model, content="routes load", stream=True)
+            return u.mixed(model, content="routes load")
+        return user_class(self.ctx, "RoutesUser", task)
+
+    def check(self, recs):
+        self.all_ok(recs, "routes")
+        kinds = {r.name.split(" ")[0] for r in recs}
+        self.ctx.check({"messages", "chat", "stream"} <= kinds, f"routes: routes exercised {sorted(kinds)}")
+        missing = [r for r in recs if r.status == 200 and not r.usage]
+        self.ctx.check(not missing, f"routes: {len(missing)} answers without usage")
 
 
 class Fallback(Suite):
@@ -684,7 +710,7 @@ def find_replica_pids(title: str, host: str) -> list[int]:
     return mine or others
 
 
-SUITE_CLASSES: dict[str, type[Suite]] = {"steady": Steady, "fallback": Fallback, "limits": Limits,
+SUITE_CLASSES: dict[str, type[Suite]] = {"steady": Steady, "routes": Routes, "fallback": Fallback, "limits": Limits,
                                           "billing": Billing, "replica_loss": ReplicaLoss, "keys": Keys,
                                           "node_loss": NodeLoss}
 

@@ -69,6 +69,11 @@ def test_steady(gateway):
     run_suite(gateway, "steady", "--plan", "load", "--users", "4", "--spawn-rate", "4", "--run-time", "3s")
 
 
+def test_routes_mix_anthropic_messages_with_openai_chat(gateway):
+    # the suite itself fails unless /v1/messages (whole and streamed) and chat were all answered
+    run_suite(gateway, "routes", "--plan", "load", "--users", "4", "--spawn-rate", "4", "--run-time", "3s")
+
+
 def test_limits(gateway):
     run_suite(gateway, "limits", "--plan", "load", "--users", "8", "--spawn-rate", "8", "--run-time", "3s",
               "--rpm", "5", "--rpm-keys", "2", "--conc-keys", "2")
