@@ -212,9 +212,11 @@ class Pipeline(Answers):
         answer.headers.setdefault("request-id", call.request_id)
         return answer
 
-    async def count_tokens(self, raw: bytes, authorization: str | None, client_ip: str) -> Answer:
-        """`POST /v1/messages/count_tokens`: the gateway's own estimate of the prompt (messages,
-        system, tools) for a model this key may use. Nothing is reserved or billed."""
+    async def count_tokens(self, raw: bytes, authorization: str | None, client_ip: str,
+                           client_headers: dict[str, str] | None = None) -> Answer:
+        """`POST /v1/messages/count_tokens`: the count of the model's anthropic-format provider when
+        the first route has one, else the gateway's own estimate (messages, system, tools). Nothing
+        is reserved or billed."""
         call = Call(new_request_id(), "count_tokens", client_ip)
         try:
             try:
@@ -224,14 +226,40 @@ class Pipeline(Answers):
             request = parse_model(CountTokensRequest, payload)
             check_messages_request(payload)
             principal = call.principal = await self.gate.authenticate(authorization, client_ip)
-            self.gate.check_model(principal, resolve(self.catalog, request.model, None))
-            answer = Answer(200, call.headers(), orjson.dumps({"input_tokens": estimate_prompt(payload)}))
+            resolution = resolve(self.catalog, request.model, None)
+            self.gate.check_model(principal, resolution)
+            answer = await self._provider_count(call, resolution, payload, client_headers) or Answer(
+                200, call.headers(), orjson.dumps({"input_tokens": estimate_prompt(payload)}))
         except TrexError as exc:
             answer = self._error(call, exc)
         if answer.status >= 400:
             answer.status, answer.body = anthropic_error_body(answer.status, answer.body)
         answer.headers.setdefault("request-id", call.request_id)
         return answer
+
+    async def _provider_count(self, call: Call, resolution: Resolution, payload: dict[str, Any],
+                              client_headers: dict[str, str] | None) -> Answer | None:
+        """The first route's own count, when its provider speaks Anthropic's API; None otherwise or
+        when it cannot answer (the estimate is then given)."""
+        target = self.planner.order(resolution)[0]
+        spec = self.catalog.provider(target.provider)
+        if spec is None or spec.format != "anthropic" or call.principal is None:
+            return None
+        key = await self.gate.provider_key(call.principal, target.provider, None)
+        if key is None and not spec.callable_without_binding():
+            return None
+        req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, "count_tokens", False,
+                             False, _dumps({k: v for k, v in payload.items() if k != "trex"}), key,
+                             client_headers=client_headers)
+        try:
+            async with asyncio.timeout(self.settings.request_deadline_s):
+                resp = await self.caller(req)
+        except (TimeoutError, hop.ReplicaUnreachable):
+            return None
+        if not resp.ok or resp.chunks is not None:
+            return None
+        call.served = target
+        return Answer(200, call.headers(), resp.body)
 
     # ---- admission ----------------------------------------------------------------------------
 

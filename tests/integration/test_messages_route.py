@@ -131,11 +131,40 @@ async def test_refusals_come_in_anthropic_s_shape_and_cost_nothing(sdk, gw):
 
 
 async def test_count_tokens_and_head_root(sdk, gw):
-    counted = await sdk.messages.count_tokens(model="claude-sonnet", system=SYSTEM,
-                                              messages=[{"role": "user", "content": "x" * 400}])
-    assert counted.input_tokens >= 100
+    # An anthropic-format route: the provider's own count (the mock counts a token per 3 characters)
+    raw = await sdk.messages.with_raw_response.count_tokens(
+        model="claude-sonnet", messages=[{"role": "user", "content": "x" * 400}],
+        extra_headers={"anthropic-beta": "token-counting-2024-11-01"})
+    counted = await raw.parse()
+    assert counted.input_tokens == 400 // 3 + 7 and raw.headers["x-trex-upstream-provider"] == "claude"
+    assert gw.mocks["alpha"].stats()["last_body"]["model"] == "claude-sonnet-4-5"
+    # An openai-format route: the gateway's estimate (a token per 4 characters and overheads)
+    estimated = await sdk.messages.count_tokens(model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * 400}])
+    assert 100 <= estimated.input_tokens < 400 // 3
+    usage = (await gw.get(f"/admin/v1/accounts/{sdk.account['id']}/usage", headers=OP)).json()
+    assert usage["credits"]["charged_micro"] == 0 and usage["quota"].get("requests_used", 0) == 0
     assert (await gw.head("/")).status_code == 200
     r = await gw.post("/v1/messages", content=orjson.dumps({"model": "claude-sonnet", "max_tokens": 5,
                                                             "messages": [{"role": "robot", "content": "x"}]}),
                       headers={"x-api-key": sdk.key, "content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("messages.0.role")
+
+
+async def test_thinking_passes_through_with_its_signature_both_ways(sdk, gw):
+    first = await sdk.messages.create(model="claude-sonnet", max_tokens=4096,
+                                      thinking={"type": "enabled", "budget_tokens": 2048},
+                                      messages=[{"role": "user", "content": "think first"}])
+    thinking = first.content[0]
+    assert thinking.type == "thinking" and thinking.signature.startswith("sig_")
+    assert gw.mocks["alpha"].stats()["last_body"]["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    # the next turn sends the signed block back: it reaches Anthropic as it came (the mock refuses
+    # an unsigned or cache-marked thinking block, as Anthropic does)
+    turn = [b.model_dump() for b in first.content]
+    second = await sdk.messages.create(model="claude-sonnet", max_tokens=4096,
+                                       thinking={"type": "enabled", "budget_tokens": 2048},
+                                       messages=[{"role": "user", "content": "think first"},
+                                                 {"role": "assistant", "content": turn},
+                                                 {"role": "user", "content": "and again"}])
+    assert second.content[-1].type == "text"
+    sent = gw.mocks["alpha"].stats()["last_body"]["messages"][1]["content"][0]
+    assert sent == {"type": "thinking", "thinking": thinking.thinking, "signature": thinking.signature}

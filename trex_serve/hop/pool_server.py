@@ -149,7 +149,7 @@ class PoolServer:
             return _failure(401, "key_unset", f"managed key {key_id} of {provider.name} is not set on the pool")
         prefix = hop.H_CLIENT_PREFIX.lower()
         client = {k[len(prefix):].lower(): v for k, v in h.items()
-                  if k.lower().startswith(prefix)} if api == "messages" else None
+                  if k.lower().startswith(prefix)} if api in ("messages", "count_tokens") else None
         call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING),
                              client_headers=client)
         tracing.inject(call.headers)

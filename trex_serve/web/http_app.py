@@ -189,7 +189,8 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         pipeline = await pipeline_ref()
         body = await read_body(request, pipeline.settings.max_body_bytes)
         return render(await pipeline.count_tokens(body, anthropic_auth(request.headers),
-                                                  ip(request, pipeline.settings)))
+                                                  ip(request, pipeline.settings),
+                                                  anthropic_client_headers(request.headers)))
 
     @app.head("/")
     async def head_root() -> Response:

@@ -49,8 +49,9 @@ class AnthropicAdapter:
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider, *, thinking: str | None = None,
               client_headers: dict[str, str] | None = None) -> UpstreamCall:
-        if api == "messages":  # the same format at both ends: the body as sent
-            return upstream_call(provider, "/messages", passthrough.request_body(body, upstream_model), api_key,
+        if api in ("messages", "count_tokens"):  # the same format at both ends: the body as sent
+            path = "/messages" if api == "messages" else "/messages/count_tokens"
+            return upstream_call(provider, path, passthrough.request_body(body, upstream_model), api_key,
                                  {"Content-Type": "application/json",
                                   **passthrough.request_headers(client_headers)}, self.auth)
         if api != "chat":
@@ -63,6 +64,8 @@ class AnthropicAdapter:
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]:
         if api == "messages":
             return passthrough.whole_answer(body)
+        if api == "count_tokens":
+            return passthrough.token_count(body)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -40,6 +40,17 @@ def whole_answer(body: bytes) -> tuple[bytes, Usage | None]:
     return body, Usage.from_anthropic(data.get("usage"))
 
 
+def token_count(body: bytes) -> tuple[bytes, None]:
+    """A count_tokens answer, as received (nothing to bill)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("upstream answered with malformed JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("input_tokens"), int):
+        raise ValueError("upstream answered with something that is not a token count")
+    return body, None
+
+
 class AnthropicPassthroughStream:
     """Relays every byte as read; watches the complete events for usage and delivered text."""
 

@@ -32,6 +32,7 @@ class AnthropicStream:
         self._final_usage = False
         self._tools: dict[int, int] = {}  # Anthropic block index → OpenAI tool_calls index
         self._thinking: dict[int, dict[str, str]] = {}  # open thinking blocks: text and signature so far
+        self._blocks_sent = 0  # thinking blocks delivered: the next one's place in thinking_blocks
         self._done = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -39,6 +40,12 @@ class AnthropicStream:
                "model": self._model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                                   "logprobs": None}]}
         return b"data: " + orjson.dumps(obj)
+
+    def _block(self, block: dict[str, str]) -> bytes:
+        # Each block carries its place in the message's thinking_blocks, as tool_calls deltas do: the
+        # OpenAI SDK's stream accumulator refuses a second list entry without an index.
+        self._blocks_sent += 1
+        return self._chunk({"thinking_blocks": [{"index": self._blocks_sent - 1, **block}]})
 
     def _take_usage(self, usage: Any) -> None:
         # message_start carries the input side; message_delta the cumulative output (and, from
@@ -85,8 +92,7 @@ class AnthropicStream:
                 self.delivered_chars += len(text)
                 return self._chunk({"reasoning_content": text}) if text else None
             if block.get("type") == "redacted_thinking":  # opaque: passed on as it came, whole
-                return self._chunk({"thinking_blocks": [{"type": "redacted_thinking",
-                                                         "data": str(block.get("data") or "")}]})
+                return self._block({"type": "redacted_thinking", "data": str(block.get("data") or "")})
             return None
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
@@ -114,7 +120,7 @@ class AnthropicStream:
             # A finished thinking block goes to the client whole, with its signature, so that it can
             # send it back in a tool loop.
             done = self._thinking.pop(int(obj.get("index") or 0), None)
-            return self._chunk({"thinking_blocks": [done]}) if done is not None else None
+            return self._block(done) if done is not None else None
         if kind == "message_delta":
             self._take_usage(obj.get("usage"))
             self._final_usage = self._final_usage or isinstance((obj.get("usage") or {}).get("output_tokens"), int)
