@@ -8,6 +8,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from trex_serve.api.messages import check_chat_request, check_responses_request
 from trex_serve.api.responses import chat_to_response, decode_thinking, responses_to_chat
@@ -95,12 +97,60 @@ def test_stream_sends_reasoning_deltas_then_the_signed_block():
     assert "".join(d.get("reasoning_content") or "" for d in deltas) == \
         "The user wants the weather. I should call get_weather."
     blocks = [b for d in deltas for b in d.get("thinking_blocks") or []]
-    assert blocks == [{"type": "thinking", "thinking": "The user wants the weather. I should call get_weather.",
-                       "signature": SIGNATURE}]
+    assert blocks == [{"index": 0, "type": "thinking",
+                       "thinking": "The user wants the weather. I should call get_weather.", "signature": SIGNATURE}]
     # the signed block arrives before any text or tool call
     first_text = next(i for i, d in enumerate(deltas) if d.get("content"))
     assert next(i for i, d in enumerate(deltas) if d.get("thinking_blocks")) < first_text
     assert translator.usage.output_tokens == 180
+
+
+REDACTED = "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpPkNRj2YfWXGmKDxH4mPnZ5sQ7vB5URj"
+TWO_BLOCKS = [  # a thinking block and a redacted one, then the answer, as Anthropic streams them
+    {"type": "message_start", "message": {"id": "msg_01T2", "type": "message", "role": "assistant",
+                                          "model": "claude-sonnet-4-5-20250929", "content": [],
+                                          "stop_reason": None, "stop_sequence": None,
+                                          "usage": {"input_tokens": 512, "output_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "",
+                                                                  "signature": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Paris, so "}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "get_weather."}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": SIGNATURE}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": REDACTED}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_01T2",
+                                                                  "name": "get_weather", "input": {}}},
+    {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta",
+                                                          "partial_json": "{\"city\": \"Paris\"}"}},
+    {"type": "content_block_stop", "index": 2},
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+     "usage": {"output_tokens": 95}},
+    {"type": "message_stop"},
+]
+SENT_BLOCKS = [{"type": "thinking", "thinking": "Paris, so get_weather.", "signature": SIGNATURE},
+               {"type": "redacted_thinking", "data": REDACTED}]
+
+
+def test_the_openai_sdk_stream_accumulator_keeps_several_blocks_for_the_tool_loop():
+    translator = adapter_for("anthropic").stream_translator("chat", False, "claude")
+    raw = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), orjson.dumps(e)) for e in TWO_BLOCKS)
+    out = translator.feed(raw) + translator.finish()
+    state = ChatCompletionStreamState()  # what client.chat.completions.stream() accumulates with
+    for chunk in chunks(out):
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    message = state.get_final_completion().choices[0].message.model_dump(exclude_none=True)
+    assert message["reasoning_content"] == "Paris, so get_weather." and len(message["thinking_blocks"]) == 2
+    body = chat_body(reasoning_effort="low", messages=[
+        {"role": "user", "content": "weather in Paris?"}, message,
+        {"role": "tool", "tool_call_id": "toolu_01T2", "content": "18C"}])
+    assert built(body)["messages"][1]["content"][:2] == SENT_BLOCKS  # the delta index stays with the client
+    stream = ResponsesStream({"model": "claude"})
+    events = [orjson.loads(line[6:]) for line in (stream.feed(out) + stream.finish()).split(b"\n")
+              if line.startswith(b"data: ")]
+    [item] = [e["item"] for e in events
+              if e["type"] == "response.output_item.done" and e["item"]["type"] == "reasoning"]
+    assert decode_thinking(item["encrypted_content"]) == SENT_BLOCKS
 
 
 def test_tool_loop_sends_the_thinking_blocks_back_verbatim_first():
@@ -125,6 +175,32 @@ def test_reasoning_content_without_a_signature_is_dropped():
                                {"role": "assistant", "content": "a", "reasoning_content": "unsigned"},
                                {"role": "user", "content": "more"}])
     assert built(body)["messages"][1]["content"] == "a"
+
+
+def _call(call_id: str) -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+
+
+@pytest.mark.parametrize("form", ["budget", "adaptive"])
+def test_a_tool_loop_whose_turn_began_without_signed_thinking_goes_without_thinking(form):
+    # Anthropic refuses thinking when the turn's first assistant message has no thinking block
+    # (here: reasoning_content without a signature, which cannot be sent back): ask without.
+    loop = [{"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": None, "reasoning_content": "unsigned", "tool_calls": [_call("toolu_1")]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "18C"}]
+    out = built(chat_body(reasoning_effort="high", max_tokens=1000, temperature=0.2, messages=loop), form)
+    assert "thinking" not in out and "output_config" not in out
+    assert (out["max_tokens"], out["temperature"]) == (1000, 0.2)  # nothing else of thinking applied either
+    # A turn that began with signed thinking keeps it, though later steps of the loop carry none
+    # (without interleaved thinking Claude thinks once per turn).
+    signed = [loop[0], {**loop[1], "thinking_blocks": SENT_BLOCKS}, loop[2],
+              {"role": "assistant", "content": None, "tool_calls": [_call("toolu_2")]},
+              {"role": "tool", "tool_call_id": "toolu_2", "content": "sunny"}]
+    assert "thinking" in built(chat_body(reasoning_effort="high", messages=signed), form)
+    # A new question from the user starts a new turn: earlier unsigned turns do not matter.
+    later = [*loop, {"role": "assistant", "content": "18C in Paris."}, {"role": "user", "content": "and Lyon?"}]
+    assert "thinking" in built(chat_body(reasoning_effort="high", messages=later), form)
 
 
 # ---- the Responses route ------------------------------------------------------------------------

@@ -87,8 +87,8 @@ class ResponsesStream:
             r["text"].append(text)
             out += self._event("response.reasoning_summary_text.delta", item_id=r["id"],
                                output_index=r["index"], summary_index=0, delta=text)
-        if isinstance(blocks, list):
-            r["blocks"].extend(b for b in blocks if isinstance(b, dict))
+        if isinstance(blocks, list):  # the stream's index is a delta position, not part of the block
+            r["blocks"].extend({k: v for k, v in b.items() if k != "index"} for b in blocks if isinstance(b, dict))
         return out
 
     def _close_reasoning(self) -> bytes:

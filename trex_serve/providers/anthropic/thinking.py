@@ -37,6 +37,8 @@ def apply_effort(out: dict[str, Any], effort: Any, form: str | None) -> None:
     """Turn OpenAI's ``reasoning_effort`` into Anthropic's thinking on a Messages request."""
     if not isinstance(effort, str) or effort not in BUDGETS:
         return  # None / "none": no thinking
+    if _turn_without_thinking(out.get("messages") or []):
+        return  # Anthropic would refuse the request with thinking on; without, it answers
     if form == "adaptive":
         out["thinking"] = {"type": "adaptive"}
         out["output_config"] = {**(out.get("output_config") or {}), "effort": ADAPTIVE_EFFORTS[effort]}
@@ -48,6 +50,22 @@ def apply_effort(out: dict[str, Any], effort: Any, form: str | None) -> None:
             out["max_tokens"] = budget + int(out.get("max_tokens") or 0)
     for key in _NOT_WITH_THINKING:
         out.pop(key, None)
+
+
+def _turn_without_thinking(messages: list[dict[str, Any]]) -> bool:
+    """Whether the assistant turn in progress began without a thinking block: a tool loop (or a
+    prefill) whose first assistant message the client sent back without its ``thinking_blocks``,
+    or that another provider or an unthinking request produced. Anthropic refuses thinking then
+    ("a final assistant message must start with a thinking block")."""
+    start: list[Any] | None = None
+    for msg in reversed(messages):
+        content = msg.get("content")
+        blocks = content if isinstance(content, list) else []
+        if msg.get("role") == "assistant":
+            start = blocks
+        elif not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in blocks):
+            break  # the user's own message: the turn began after it
+    return start is not None and not (start and isinstance(start[0], dict) and start[0].get("type") in _BLOCK_TYPES)
 
 
 def request_blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
