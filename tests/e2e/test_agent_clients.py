@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,13 @@ def test_claude_code_answers_through_the_gateway(bin_dir, gateway, tmp_path, mod
         assert isinstance(sent["system"], list) and sent["max_tokens"] >= 32000
     else:  # openai-format: translated to chat completions
         assert sent["messages"][0]["role"] == "system" and sent["stream"] is True
-    logs = gateway["admin"].get(f"/accounts/{gateway['account']['id']}/logs", params={"limit": 5}).json()["data"]
-    assert any(row["model_requested"] == model and row["status"] == 200 for row in logs)
+    deadline = time.time() + 10  # the log rows are written in batches
+    while True:
+        logs = gateway["admin"].get(f"/accounts/{gateway['account']['id']}/logs", params={"limit": 20}).json()
+        if any(row["model_requested"] == model and row["status"] == 200 for row in logs["data"]):
+            break
+        assert time.time() < deadline, f"no 200 row for {model} in the request logs: {logs['data'][:3]}"
+        time.sleep(0.2)
 
 
 def test_codex_answers_through_the_responses_api(bin_dir, gateway, tmp_path):
