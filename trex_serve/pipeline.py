@@ -98,7 +98,9 @@ class Pipeline(Answers):
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
             call.tokens_estimate = prompt_tokens + (max_out or 0)
-            routes = await self._admitted(call, principal, ask, upstream_key)
+            routes = await self._routes(call, resolution, upstream_key)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
@@ -152,7 +154,9 @@ class Pipeline(Answers):
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses",
                            request_id is not None)
             call.tokens_estimate = prompt_tokens + (request.max_output_tokens or 0)
-            routes = await self._admitted(call, principal, ask, upstream_key)
+            routes = await self._routes(call, resolution, upstream_key)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             native = dict(payload)
             native.pop("trex", None)
             chat_payload.pop("trex", None)
@@ -190,7 +194,9 @@ class Pipeline(Answers):
             ask = AdmitAsk(resolution, prompt_tokens, request.max_tokens, call.request_id, "messages",
                            request_id is not None)
             call.tokens_estimate = prompt_tokens + request.max_tokens
-            routes = await self._admitted(call, principal, ask, upstream_key)
+            routes = await self._routes(call, resolution, upstream_key)
+            with tracing.step(call, "trex.admission"):
+                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
@@ -256,15 +262,6 @@ class Pipeline(Answers):
         return Answer(200, call.headers(), resp.body)
 
     # ---- admission ----------------------------------------------------------------------------
-
-    async def _admitted(self, call: Call, principal: Principal, ask: AdmitAsk,
-                        override: str | None) -> list[Route]:
-        """The routes to try, then admission (the ticket on ``call``): every generation route's
-        step between parsing and the attempts."""
-        routes = await self._routes(call, ask.resolution, override)
-        with tracing.step(call, "trex.admission"):
-            call.ticket, routes = await self._admit(call, principal, ask, routes, override)
-        return routes
 
     async def _admit(self, call: Call, principal: Principal, ask: AdmitAsk, routes: list[Route],
                      override: str | None) -> tuple[Ticket, list[Route]]:

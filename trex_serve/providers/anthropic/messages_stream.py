@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from trex_serve.providers.anthropic.from_messages import STOP_REASONS
-from trex_serve.providers.sse import DONE, EventSplitter, chat_event
+from trex_serve.providers.sse import EventSplitter, data_of
 from trex_serve.providers.usage import Usage
 
 
@@ -90,9 +90,17 @@ class ChatToMessagesStream:
     def _handle(self, event: bytes) -> bytes:
         if event.startswith(b":"):
             return event + b"\n\n"
-        obj = None if self._ended else chat_event(event)
-        if obj is DONE:
+        if self._ended:
+            return b""
+        data = data_of(event)
+        if data is None:
+            return b""
+        if data.strip() == b"[DONE]":
             return self._finish_message()
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return b""
         if not isinstance(obj, dict):
             return b""
         if isinstance(obj.get("error"), dict):
