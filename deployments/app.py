@@ -20,6 +20,7 @@ from ray.serve import Application
 from deployments.ingress import Ingress
 from deployments.provider_pool import ProviderPool
 from deployments.router import Router
+from deployments.spreader import Spreader
 from trex_serve.catalog import load_catalog
 from trex_serve.settings import Settings
 
@@ -36,6 +37,12 @@ class AppArgs(BaseModel):
     pool_autoscaling: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Nodes to spread replicas over; None counts the cluster's alive nodes when the app is built.
     spread_nodes: int | None = Field(default=None, ge=1)
+    # Set by the spread supervisor (spreader.py) when it deploys the app again after the number of
+    # alive nodes changed; `spread_supervisor: false` (or a fixed spread_nodes) turns it off.
+    live_nodes: int | None = Field(default=None, ge=1)
+    spread_supervisor: bool = True
+    # Any new value deploys the app again (`trex-serve up` / `redeploy` set one each time).
+    revision: str | None = None
 
 
 def _alive_nodes() -> int:
@@ -86,8 +93,10 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
         # redeploy (old ingress replicas meeting new pool replicas mid-rollout) keeps one secret.
         "pool_secret": args.pool_secret or env.pool_secret or _derived_pool_secret(args.secret_key or env.secret_key),
     }
-    nodes = args.spread_nodes or _alive_nodes()
+    nodes = args.spread_nodes or args.live_nodes or _alive_nodes()
     router = Router.bind(catalog.health.model_dump())
+    supervise = args.spread_supervisor and args.spread_nodes is None
+    spreader = Spreader.bind(nodes) if supervise else None
     pools = {}
     for provider in catalog.providers:
         sizing = provider.pool
@@ -108,7 +117,7 @@ def build_app(raw_args: dict[str, Any] | None = None) -> Application:
         ).bind(provider.name, catalog_path, resolved["pool_secret"], router, catalog_sha=resolved["catalog_sha"])
     return Ingress.options(num_replicas=args.ingress_replicas, graceful_shutdown_timeout_s=60,
                            max_replicas_per_node=per_node_cap(args.ingress_replicas, nodes)).bind(
-        resolved, pools, router)
+        resolved, pools, router, spreader)
 
 
 app = build_app

@@ -39,7 +39,10 @@ http_app = build_http_app(replica_state.pipeline, replica_state.admin_app)
 @serve.deployment(max_ongoing_requests=100000, ray_actor_options={"num_cpus": 0})
 @serve.ingress(http_app)
 class Ingress:
-    async def __init__(self, args: dict, pools: dict[str, DeploymentHandle], router: DeploymentHandle) -> None:
+    async def __init__(self, args: dict, pools: dict[str, DeploymentHandle], router: DeploymentHandle,
+                       spreader: DeploymentHandle | None = None) -> None:
+        """``spreader`` is never called: bound here so that Serve deploys the spread supervisor
+        (spreader.py) with the app."""
         route_core_logs()
         stage_probe.install_ingress()  # stage timers for scripts/bench_stages.py; off unless TREX_STAGE_PROBE
         self.pools = pools
@@ -53,7 +56,7 @@ class Ingress:
         self.relay = HttpRelay(self.pool_view.pick, args["pool_secret"], tracker=self.pool_view)
         pipeline = Pipeline(self.runtime.catalog, self.runtime.settings, self.runtime.gate,
                             self.runtime.keyed(self.relay),
-                            self.planner, self.runtime.record)
+                            self.planner, self.runtime.record, stored=self.runtime.stored, cache=self.runtime.cache)
         self.runtime.planner = self.planner
         replica_state.publish(pipeline, self.runtime.admin_app())
         self._poller = asyncio.create_task(self._poll_routing_table(float(args.get("table_poll_s", 0.25))))

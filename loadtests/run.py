@@ -3,7 +3,8 @@
     python -m loadtests.run SUITE --users N --spawn-rate R --run-time 10s \\
         --host http://127.0.0.1:8000 --admin-token T --catalog config/catalog.yaml
 
-SUITE is one of: steady, fallback, limits, billing, replica_loss, keys, node_loss (see loadtests/README.md).
+SUITE is one of: steady, fallback, limits, billing, replica_loss, keys, node_loss, redis_failover (see
+loadtests/README.md).
 The harness prepares what the suite needs through the operator API (an account of its own, keys with
 limits, credits), runs Locust programmatically (no web UI), switches mock-upstream faults mid-run where
 the suite says so, prints req/s, p50/p95/p99 and TTFB, then checks the suite's assertions: exit 0 when
@@ -33,13 +34,14 @@ import yaml  # noqa: E402
 from locust import constant, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
+from loadtests.charges import check_charges  # noqa: E402
 from loadtests.common import RECORDER, Admin, Mock, Record, TrexUser, percentile  # noqa: E402
 from trex_serve.billing.prices import price_book  # noqa: E402
 from trex_serve.billing.pricing import charge_micro  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
 from trex_serve.providers.usage import Usage  # noqa: E402
 
-SUITES = ("steady", "routes", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss")
+SUITES = ("steady", "routes", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss", "redis_failover")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -78,6 +80,14 @@ class Catalog:
 
     def candidates(self, model: str) -> list[str]:
         return [c["provider"] for c in self.models[model]["candidates"]]
+
+    def anthropic_model(self) -> str | None:
+        """A model whose first candidate speaks Anthropic's API (/v1/messages passed through), if any."""
+        for mid, m in self.models.items():
+            first = (m.get("candidates") or [{}])[0]
+            if self.providers.get(first.get("provider"), {}).get("format") == "anthropic":
+                return mid
+        return None
 
     def cost_micro(self, model: str, usage: dict, provider: str | None, upstream: str | None, plan: str | None) -> int:
         """Micro-credits the gateway charges for an answer's usage (OpenAI's fields, as the client saw
@@ -226,18 +236,24 @@ class Steady(Suite):
 
 class Routes(Suite):
     """Anthropic's /v1/messages (whole and streamed) mixed with the OpenAI chat route on the same
-    keys and model: zero failures, usage on every answer, every route in the logs."""
+    keys and model (translated for its openai-format providers), and passed through to a model on an
+    anthropic-format provider when the catalog has one: zero failures, usage on every answer, every
+    route exercised."""
 
     def prepare(self):
-        self.ctx.new_account(max(1, self.args.users))
-        model = self.ctx.standard
+        self.native = self.ctx.catalog.anthropic_model()
+        # credits for the pass-through model, which is often premium (Claude's prices)
+        self.ctx.new_account(max(1, self.args.users), credits=50 if self.native else 0)
+        model, native = self.ctx.standard, self.native
 
         def task(u):
             pick = random.random()
-            if pick < 0.25:
+            if pick < 0.2:
                 return u.messages(model, content="routes load")
-            if pick < 0.5:
+            if pick < 0.4:
                 return u.messages(model, content="routes load", stream=True)
+            if pick < 0.6 and native:
+                return u.messages(native, content="routes load", stream=pick < 0.5)
             return u.mixed(model, content="routes load")
         return user_class(self.ctx, "RoutesUser", task)
 
@@ -245,6 +261,9 @@ class Routes(Suite):
         self.all_ok(recs, "routes")
         kinds = {r.name.split(" ")[0] for r in recs}
         self.ctx.check({"messages", "chat", "stream"} <= kinds, f"routes: routes exercised {sorted(kinds)}")
+        if self.native:
+            passed = [r for r in recs if r.name == f"messages {self.native}" and r.status == 200]
+            self.ctx.check(bool(passed), f"routes: no /v1/messages answer passed through for {self.native}")
         missing = [r for r in recs if r.status == 200 and not r.usage]
         self.ctx.check(not missing, f"routes: {len(missing)} answers without usage")
 
@@ -614,15 +633,18 @@ class NodeLoss(Suite):
     """A whole Ray node is lost under load: its raylet and every process under it (ingress and pool
     replicas) are SIGKILLed. Every answer is a success or an OpenAI envelope (no cut connection, no
     bare HAProxy 500), and the gateway keeps answering. Non-streaming requests, so that "nothing of
-    the answer had reached the client" holds for every request in flight."""
+    the answer had reached the client" holds for every request in flight. Half the users ask the
+    premium model: the requests replayed on another replica are charged once (charges.py)."""
 
     def prepare(self):
         if not self.args.kill_raylet_pid:
             raise SystemExit("node_loss needs --kill-raylet-pid (the raylet of the node to lose)")
-        self.ctx.new_account(max(1, self.args.users))
-        model = self.ctx.standard
+        self.ctx.new_account(max(1, self.args.users), credits=self.args.credits)
+        self.before = self.ctx.admin.usage(self.ctx.account["id"])
+        model, premium = self.ctx.standard, self.ctx.premium
         self.kill_at = self.args.run_time * 0.3
-        return user_class(self.ctx, "NodeLossUser", lambda u: u.chat(model, content="node loss"))
+        return user_class(self.ctx, "NodeLossUser",
+                          lambda u: u.chat(premium if u.user_index % 2 else model, content="node loss"))
 
     def before_start(self):
         # Requests that take a while, so that several are in flight on the lost node when it goes.
@@ -631,9 +653,9 @@ class NodeLoss(Suite):
     def during(self, elapsed):
         if elapsed >= self.kill_at and "kill" not in self.ctx.marks:
             self.ctx.extra["killed"] = kill_tree(self.args.kill_raylet_pid)
-            self.ctx.mark(f"node lost: SIGKILL raylet {self.args.kill_raylet_pid} and "
-                          f"{len(self.ctx.extra['killed']) - 1} processes under it")
             self.ctx.marks["kill"] = time.time()
+            self.ctx.mark(f"node lost: SIGKILL raylet {self.args.kill_raylet_pid} and "
+                          f"{len(self.ctx.extra['killed']) - 1} processes under it (at {time.time():.3f})")
 
     def check(self, recs):
         ctx = self.ctx
@@ -653,6 +675,7 @@ class NodeLoss(Suite):
                          f"{sum(r.status == 200 for r in around)} of them answered 200; overall "
                          f"{sum(r.status == 200 for r in recs)} x 200, errors {dict(errors)}, {len(cut)} cut; "
                          f"max latency {max((r.latency_ms for r in recs), default=0):.0f} ms")
+        check_charges(ctx, recs, self.before, "node_loss", self.args.settle_timeout)
 
 
 def kill_tree(pid: int) -> list[int]:
@@ -769,7 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-key", default=None, help="keys: id of the key switched to 429 (default the first)")
     p.add_argument("--kill-raylet-pid", type=int, default=0, help="node_loss: the raylet of the node to lose")
     p.add_argument("--node-loss-latency-ms", type=int, default=300,
-                   help="node_loss: upstream latency, so requests are in flight when the node goes")
+                   help="node_loss, redis_failover: upstream latency, so requests are in flight when it goes")
+    p.add_argument("--redis-fault-pid", type=int, default=0,
+                   help="redis_failover: a `python -m trex_serve.local.sentinel_set` process")
+    p.add_argument("--cut-replication-s", type=float, default=0.0,
+                   help="redis_failover: cut replication this long before the primary is killed")
     return p
 
 
@@ -783,6 +810,10 @@ def run(argv: list[str] | None = None) -> int:
     INFLIGHT["n"] = 0
     RECORDER.clear()
     ctx = Ctx(args)
+    if args.suite == "redis_failover":  # its own module, handed this harness (see its docstring)
+        from loadtests.redis_failover import suite_class
+
+        SUITE_CLASSES["redis_failover"] = suite_class(sys.modules[__name__])
     suite = SUITE_CLASSES[args.suite](ctx)
     print(f"suite {args.suite}: {args.users} users, spawn rate {args.spawn_rate}/s, {args.run_time:g} s against "
           f"{args.host} (standard {ctx.standard}: {ctx.primary} -> {ctx.backup}; premium {ctx.premium})", flush=True)

@@ -6,6 +6,11 @@ calls per second and requests per second at each concurrency.
 
     .venv/bin/python scripts/bench_counters.py                 # starts its own Redis
     .venv/bin/python scripts/bench_counters.py --url redis://127.0.0.1:6379/0 --seconds 5
+    .venv/bin/python scripts/bench_counters.py --replicas 2 --wait 0 1 2    # durable writes (WAIT)
+
+``--replicas N`` starts a primary with N replicas behind three sentinels (local/sentinel_set.py) and
+connects through its ``redis+sentinel://`` URL; ``--wait`` lists the TREX_REDIS_WAIT_REPLICAS
+values to compare (admission/durability.py).
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import uuid
 from pathlib import Path
 
 from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
+from trex_serve.admission.durability import Durability
 from trex_serve.local.embedded import free_port, start_redis
+from trex_serve.local.sentinel_set import SentinelSet
 
 
-async def run(url: str, group_commit: bool, concurrency: int, seconds: float) -> tuple[int, float]:
+async def run(url: str, group_commit: bool, concurrency: int, seconds: float, wait: int = 0,
+              latencies: list[float] | None = None) -> tuple[int, float]:
     prefix = f"bench{uuid.uuid4().hex[:8]}:"
-    store = CounterStore.from_url(url, prefix, group_commit=group_commit)
+    store = CounterStore.from_url(url, prefix, group_commit=group_commit,
+                                  durability=Durability.from_settings(wait, 1000, 10.0))
     await store.load_scripts()
     await store.ensure_balance("acct", 10**15)
     done = 0
@@ -34,6 +43,7 @@ async def run(url: str, group_commit: bool, concurrency: int, seconds: float) ->
         key = f"key{w % 8}"
         while time.perf_counter() < stop:
             rid = uuid.uuid4().hex
+            began = time.perf_counter()
             res = await store.admit(
                 AdmitRequest(
                     rid,
@@ -59,6 +69,8 @@ async def run(url: str, group_commit: bool, concurrency: int, seconds: float) ->
                     velocity_max_micro=10**14,
                 )
             )
+            if latencies is not None:
+                latencies.append(time.perf_counter() - began)
             done += 1
 
     t0 = time.perf_counter()
@@ -77,9 +89,20 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeat", type=int, default=3, help="alternate the modes N times, keep the best")
+    parser.add_argument("--replicas", type=int, default=0, help="start a primary with N replicas behind sentinels")
+    parser.add_argument("--wait", type=int, nargs="+", default=None,
+                        help="TREX_REDIS_WAIT_REPLICAS values to compare (needs --replicas)")
     args = parser.parse_args()
     proc = None
     url = args.url
+    if args.wait:
+        sentinels = SentinelSet(Path(tempfile.mkdtemp(prefix="trex-bench-sentinels-")), replicas=args.replicas,
+                                relay=False).start()
+        try:
+            await durable_table(sentinels.url(), args)
+        finally:
+            sentinels.stop()
+        return
     if not url:
         port = free_port()
         proc = start_redis(port, Path(tempfile.mkdtemp(prefix="trex-bench-redis-")))
@@ -100,6 +123,24 @@ async def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
+
+
+async def durable_table(url: str, args: argparse.Namespace) -> None:
+    """Group commit, each WAIT setting in turn (alternated), requests/s and the latency of one
+    admission + settlement (p50/p99 of the best run's requests)."""
+    print(f"{'wait':<6}{'conc':>6}{'requests/s':>14}{'p50 ms':>10}{'p99 ms':>10}   (best of {args.repeat})")
+    for conc in args.concurrency:
+        best: dict[int, tuple[float, list[float]]] = {}
+        for _ in range(args.repeat):
+            for wait in args.wait:
+                lat: list[float] = []
+                n, el = await run(url, True, conc, args.seconds, wait, lat)
+                if n / el > best.get(wait, (0.0, []))[0]:
+                    best[wait] = (n / el, sorted(lat))
+        for wait in args.wait:
+            rate, lat = best[wait]
+            p50, p99 = lat[len(lat) // 2] * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+            print(f"{wait:<6}{conc:>6}{rate:>14,.0f}{p50:>10.3f}{p99:>10.3f}", flush=True)
 
 
 if __name__ == "__main__":

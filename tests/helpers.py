@@ -130,7 +130,9 @@ models:
 smart_auto: [gpt-4o-mini]
 aliases:
   "claude-sonnet-4-*": claude-sonnet
+  "claude-opus-*": claude-sonnet
   haiku: gpt-4o-mini
+  "claude-*haiku*": gpt-4o-mini
 plans:
   - name: free
     rpm: 1000

@@ -73,6 +73,8 @@ class Call:
     response_request: dict[str, Any] | None = None
     client_headers: dict[str, str] | None = None  # a Messages client's anthropic-version / -beta
     trace: tracing.RequestTrace | None = None
+    cache: str | None = None  # the response cache's verdict, "hit" | "miss", when the request asked it
+    keep: Any = None  # stateful.Keeper: what the answer leaves behind (stored response, cache entry)
 
     def headers(self) -> dict[str, str]:
         h = {"X-Trex-Request-Id": self.request_id, "X-Trex-Attempts": str(len(self.attempts))}
@@ -84,6 +86,8 @@ class Call:
             h.update(self.ticket.headers)
             if self.ticket.downgraded:
                 h["X-Trex-Downgraded"] = "1"
+        if self.cache is not None:
+            h["X-Trex-Cache"] = self.cache
         return h
 
 
@@ -144,9 +148,13 @@ class Answers:
                 body = orjson.dumps(chat_to_response(body, call.response_request or {}))
             call.answered = time.monotonic()
             settling = await self._settle_before_answer(call, usage)
+            if call.keep is not None:  # stored and cached before the client can read it
+                body = await call.keep.whole(body)
             return Answer(200, call.headers(), body, settling=settling)
         if call.translate:
             resp.chunks = _translated(resp.chunks, ResponsesStream(call.response_request or {}))  # type: ignore[arg-type]
+        if call.keep is not None:
+            resp.chunks = call.keep.stream(resp.chunks)
         return Answer(200, call.headers(), stream=self._relay(call, resp), media_type="text/event-stream")
 
     async def _relay(self, call: Call, resp: hop.HopResponse) -> AsyncIterator[bytes]:
@@ -239,7 +247,7 @@ class Answers:
             ttfb_ms=round(call.ttfb_ms, 3) if call.ttfb_ms is not None else None,
             tokens_in=usage.prompt_tokens if usage else 0, tokens_out=usage.completion_tokens if usage else 0,
             billing=call.ticket.billing if call.ticket else None, credits_charged=charged,
-            stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts))
+            stream=call.stream, client_ip=call.client_ip, attempt_detail=list(call.attempts), cache=call.cache)
         if usage is not None:
             rec.tokens_cache_read, rec.tokens_cache_write = usage.cache_read_tokens, usage.cache_write_tokens
             rec.tokens_cache_write_1h, rec.tokens_reasoning = usage.cache_write_1h_tokens, usage.reasoning_tokens

@@ -165,7 +165,9 @@ class Candidate(_Strict):
     # How an anthropic-format upstream model takes reasoning (docs/REASONING.md): "budget" —
     # thinking {type: enabled, budget_tokens} (Claude 3.7 to the 4.5 family) — or "adaptive" —
     # thinking {type: adaptive} with output_config {effort} (newer models, which refuse budgets).
-    thinking: Literal["budget", "adaptive"] = "budget"
+    # "effort", on an openai-format candidate: the model takes reasoning_effort, so a /v1/messages
+    # client's thinking reaches it as one (docs/CLIENTS.md); without it thinking is dropped there.
+    thinking: Literal["budget", "adaptive", "effort"] = "budget"
 
 
 class Model(_Strict):
@@ -234,6 +236,7 @@ class Catalog(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"providers: duplicate provider name in {names}")
         known = set(names)
+        formats = {p.name: p.format for p in self.providers}
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"models: duplicate model id in {ids}")
@@ -245,6 +248,9 @@ class Catalog(_Strict):
                     raise ValueError(
                         f"models.{i}.candidates.{j}.provider: unknown provider {cand.provider!r}"
                     )
+                if cand.thinking == "effort" and formats[cand.provider] == "anthropic":
+                    raise ValueError(f"models.{i}.candidates.{j}.thinking: 'effort' is for openai-format "
+                                     f"providers; an anthropic-format model takes 'budget' or 'adaptive'")
         for i, mid in enumerate(self.smart_auto):
             if mid not in ids:
                 raise ValueError(f"smart_auto.{i}: unknown model {mid!r}")

@@ -15,10 +15,9 @@ from typing import Any
 import orjson
 
 from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Ticket
-from trex_serve.admission.tokens import estimate_messages
+from trex_serve.admission.tokens import estimate_messages, estimate_text
 from trex_serve.answers import Answer, Answers, Call
 from trex_serve.api.anthropic_messages import (
-    CountTokensRequest,
     MessagesRequest,
     anthropic_error_body,
     check_messages_request,
@@ -27,7 +26,9 @@ from trex_serve.api.anthropic_messages import (
 from trex_serve.api.messages import check_chat_request, check_responses_request
 from trex_serve.api.responses import ResponsesInputError, responses_to_chat
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
+from trex_serve.cache.redis_cache import ResponseCache
 from trex_serve.catalog import Catalog
+from trex_serve.conversations.service import StoredResponses
 from trex_serve.errors import (
     BindingMissing,
     InvalidRequest,
@@ -40,6 +41,8 @@ from trex_serve.observability.records import RequestRecord
 from trex_serve.routing.keyed_caller import KEYS_EXHAUSTED
 from trex_serve.routing.resolve import SMART_AUTO, Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
+from trex_serve.stateful import Stateful
+from trex_serve.token_count import TokenCount
 
 Route = tuple[Target, str | None]  # a target and the provider key to call it with
 log = logging.getLogger("trex.pipeline")
@@ -56,15 +59,20 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-class Pipeline(Answers):
+class Pipeline(Answers, Stateful, TokenCount):
     def __init__(self, catalog: Catalog, settings: Settings, gate: Gate, caller: hop.ProviderCaller,
-                 planner: Planner, record: Callable[[RequestRecord], None] | None = None) -> None:
+                 planner: Planner, record: Callable[[RequestRecord], None] | None = None, *,
+                 stored: StoredResponses | None = None, cache: ResponseCache | None = None) -> None:
+        """``stored``: stored responses (``store``, ``previous_response_id``); ``cache``: the response
+        cache. Without them Responses are not kept and the cache is never asked."""
         self.catalog = catalog
         self.settings = settings
         self.gate = gate
         self.caller = caller
         self.planner = planner
         self.record = record or (lambda _r: None)
+        self.stored = stored
+        self.cache = cache
 
     # ---- entry points -------------------------------------------------------------------------
 
@@ -94,13 +102,14 @@ class Pipeline(Answers):
         try:
             payload, request, principal, resolution = await self._front(
                 call, raw, ChatCompletionRequest, authorization, check_chat_request)
+            payload, cached = await self._stateful(call, "chat", payload, resolution)
+            if cached is not None:
+                return cached
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
             call.tokens_estimate = prompt_tokens + (max_out or 0)
-            routes = await self._routes(call, resolution, upstream_key)
-            with tracing.step(call, "trex.admission"):
-                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
+            routes = await self._admitted(call, principal, ask, upstream_key)
             payload.pop("trex", None)
             if call.ticket.downgraded:
                 payload["model"] = SMART_AUTO
@@ -146,17 +155,28 @@ class Pipeline(Answers):
         try:
             payload, request, principal, resolution = await self._front(
                 call, raw, ResponsesRequest, authorization, check_responses_request)
+            # previous_response_id becomes the conversation it continues; the cache may answer here.
+            payload, cached = await self._stateful(call, "responses", payload, resolution)
+            if cached is not None:
+                return cached
+            untranslatable: InvalidRequest | None = None
             try:
                 chat_payload = responses_to_chat(payload)
             except ResponsesInputError as exc:
-                raise InvalidRequest(str(exc), param=exc.param) from None
-            prompt_tokens = estimate_messages(chat_payload["messages"])
+                # Chat has no form of it (a hosted tool such as code_interpreter): only providers that
+                # serve the Responses API natively take it, as sent; the chat body is then never sent.
+                untranslatable, chat_payload = InvalidRequest(str(exc), param=exc.param), {"messages": []}
+                if not any(self._native(t) for t in resolution.targets):
+                    raise untranslatable from None
+            prompt_tokens = estimate_text(raw) if untranslatable else estimate_messages(chat_payload["messages"])
             ask = AdmitAsk(resolution, prompt_tokens, request.max_output_tokens, call.request_id, "responses",
                            request_id is not None)
             call.tokens_estimate = prompt_tokens + (request.max_output_tokens or 0)
-            routes = await self._routes(call, resolution, upstream_key)
-            with tracing.step(call, "trex.admission"):
-                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
+            routes = await self._admitted(call, principal, ask, upstream_key)
+            if untranslatable is not None:
+                routes = [r for r in routes if self._native(r[0])]
+                if not routes:
+                    raise untranslatable
             native = dict(payload)
             native.pop("trex", None)
             chat_payload.pop("trex", None)
@@ -165,10 +185,7 @@ class Pipeline(Answers):
             native_body, chat_body = _dumps(native), _dumps(chat_payload)
 
             def body_for(target: Target) -> tuple[str, bytes]:
-                spec = self.catalog.provider(target.provider)
-                if spec is not None and spec.supports_responses:
-                    return "responses", native_body
-                return "chat", chat_body
+                return ("responses", native_body) if self._native(target) else ("chat", chat_body)
 
             call.response_request = payload
             return await self._attempts(call, routes, body_for, True)
@@ -194,14 +211,11 @@ class Pipeline(Answers):
             ask = AdmitAsk(resolution, prompt_tokens, request.max_tokens, call.request_id, "messages",
                            request_id is not None)
             call.tokens_estimate = prompt_tokens + request.max_tokens
-            routes = await self._routes(call, resolution, upstream_key)
-            with tracing.step(call, "trex.admission"):
-                call.ticket, routes = await self._admit(call, principal, ask, routes, upstream_key)
-            payload.pop("trex", None)
-            if call.ticket.downgraded:
-                payload["model"] = SMART_AUTO
-            body = _dumps(payload)
-            answer = await self._attempts(call, routes, lambda _t: ("messages", body), True)
+            routes = await self._admitted(call, principal, ask, upstream_key)
+            # The client's own bytes cross the hop: an anthropic-format pool sends them on as they
+            # are (model rewritten, `trex` taken out), an openai-format one translates them. The
+            # model is the route's in both (a downgrade to smart-auto included).
+            answer = await self._attempts(call, routes, lambda _t: ("messages", raw), True)
         except TrexError as exc:
             await self._settle_failure(call)
             answer = self._error(call, exc)
@@ -212,56 +226,16 @@ class Pipeline(Answers):
         answer.headers.setdefault("request-id", call.request_id)
         return answer
 
-    async def count_tokens(self, raw: bytes, authorization: str | None, client_ip: str,
-                           client_headers: dict[str, str] | None = None) -> Answer:
-        """`POST /v1/messages/count_tokens`: the count of the model's anthropic-format provider when
-        the first route has one, else the gateway's own estimate (messages, system, tools). Nothing
-        is reserved or billed."""
-        call = Call(new_request_id(), "count_tokens", client_ip)
-        try:
-            try:
-                payload = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise InvalidRequest("The request body is not valid JSON.") from None
-            request = parse_model(CountTokensRequest, payload)
-            check_messages_request(payload)
-            principal = call.principal = await self.gate.authenticate(authorization, client_ip)
-            resolution = resolve(self.catalog, request.model, None)
-            self.gate.check_model(principal, resolution)
-            answer = await self._provider_count(call, resolution, payload, client_headers) or Answer(
-                200, call.headers(), orjson.dumps({"input_tokens": estimate_prompt(payload)}))
-        except TrexError as exc:
-            answer = self._error(call, exc)
-        if answer.status >= 400:
-            answer.status, answer.body = anthropic_error_body(answer.status, answer.body)
-        answer.headers.setdefault("request-id", call.request_id)
-        return answer
-
-    async def _provider_count(self, call: Call, resolution: Resolution, payload: dict[str, Any],
-                              client_headers: dict[str, str] | None) -> Answer | None:
-        """The first route's own count, when its provider speaks Anthropic's API; None otherwise or
-        when it cannot answer (the estimate is then given)."""
-        target = self.planner.order(resolution)[0]
-        spec = self.catalog.provider(target.provider)
-        if spec is None or spec.format != "anthropic" or call.principal is None:
-            return None
-        key = await self.gate.provider_key(call.principal, target.provider, None)
-        if key is None and not spec.callable_without_binding():
-            return None
-        req = hop.HopRequest(call.request_id, target.provider, target.upstream_model, "count_tokens", False,
-                             False, _dumps({k: v for k, v in payload.items() if k != "trex"}), key,
-                             client_headers=client_headers)
-        try:
-            async with asyncio.timeout(self.settings.request_deadline_s):
-                resp = await self.caller(req)
-        except (TimeoutError, hop.ReplicaUnreachable):
-            return None
-        if not resp.ok or resp.chunks is not None:
-            return None
-        call.served = target
-        return Answer(200, call.headers(), resp.body)
-
     # ---- admission ----------------------------------------------------------------------------
+
+    async def _admitted(self, call: Call, principal: Principal, ask: AdmitAsk,
+                        override: str | None) -> list[Route]:
+        """The routes to try, then admission (the ticket on ``call``): every generation route's
+        step between parsing and the attempts."""
+        routes = await self._routes(call, ask.resolution, override)
+        with tracing.step(call, "trex.admission"):
+            call.ticket, routes = await self._admit(call, principal, ask, routes, override)
+        return routes
 
     async def _admit(self, call: Call, principal: Principal, ask: AdmitAsk, routes: list[Route],
                      override: str | None) -> tuple[Ticket, list[Route]]:
@@ -298,6 +272,11 @@ class Pipeline(Answers):
                                  f"Bind a key for {names} or pass X-Upstream-Api-Key.",
                                  extra={"providers": sorted(set(missing))})
         return usable
+
+    def _native(self, target: Target) -> bool:
+        """Whether the target's provider serves the Responses API itself (`supports_responses`)."""
+        spec = self.catalog.provider(target.provider)
+        return spec is not None and spec.supports_responses
 
     def _managed(self, provider: str) -> bool:
         p = self.catalog.provider(provider)

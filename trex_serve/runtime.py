@@ -19,7 +19,10 @@ from trex_serve.billing.balances import booked_totals
 from trex_serve.billing.prices import price_book
 from trex_serve.billing.streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.billing.writer import BatchWriter
+from trex_serve.cache.redis_cache import ResponseCache
 from trex_serve.catalog import Catalog, load_catalog
+from trex_serve.conversations.service import StoredResponses
+from trex_serve.conversations.store import ResponseStore
 from trex_serve.hop.protocol import ProviderCaller
 from trex_serve.observability import tracing
 from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange, metrics_response
@@ -55,6 +58,13 @@ class Runtime:
         self.planner: Any = None
         self.key_metrics = KeyMetrics(self.metrics.registry)
         self.key_caller: KeyedCaller | None = None
+        # Stored responses live in SQL, their content sealed with the secret that seals provider keys;
+        # the response cache in Redis (its own, TREX_CACHE_REDIS_URL, or the counters').
+        self.stored = StoredResponses(ResponseStore(repo.engine, settings.secret_key),
+                                      settings.response_retention_days, self.metrics.stored_failures.inc)
+        cache_url = settings.cache_redis_url or settings.redis_url
+        self.cache = ResponseCache.from_url(cache_url, counters.prefix, max_bytes=settings.cache_max_bytes,
+                                            max_entry_bytes=settings.cache_max_entry_bytes) if cache_url else None
 
     def keyed(self, caller: ProviderCaller) -> KeyedCaller:
         """Wrap the hop so providers with several managed keys spread, cool and budget them."""
@@ -88,7 +98,7 @@ class Runtime:
         await asyncio.to_thread(migrate, engine)
         repo = Repository(engine, settings.secret_key)
         await asyncio.to_thread(repo.sync_plans, [p.model_dump() for p in catalog.plans])
-        counters = CounterStore.from_url(settings.redis_url)
+        counters = CounterStore.from_url(settings.redis_url, durability=settings.durability())
         runtime = cls(settings, catalog, repo, counters)
         runtime.start()
         return runtime
@@ -98,7 +108,8 @@ class Runtime:
         drainer = StreamDrainer(client, prefix, name, write, consumer=self.consumer,
                                 claim_idle_ms=self.settings.stream_claim_idle_ms)
         # wake_at=1: each event-loop turn's rows leave for Redis together, right after the turn.
-        writer = BatchWriter(name, appender(client, prefix, name), wake_at=1) if with_writer else None
+        writer = (BatchWriter(name, appender(client, prefix, name, self.counters.durability), wake_at=1)
+                  if with_writer else None)
         return DurableChannel(drainer, writer)
 
     def _risk_event(self, row: dict[str, Any]) -> None:
@@ -110,6 +121,8 @@ class Runtime:
             channel.start()
         self._tasks.append(self.counters.subscribe_invalidations(self.gate.invalidate))
         self._tasks.append(asyncio.get_running_loop().create_task(self._retention_loop(), name="log-retention"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self.stored.purge_loop(),
+                                                                  name="response-retention"))
         self.metrics_exchange.start()
 
     async def close(self) -> None:
@@ -122,6 +135,8 @@ class Runtime:
         for channel in (self.logs, self.ledger, self.risk_events):
             await channel.close()
         await self.metrics_exchange.stop()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.counters.aclose()
         if tracing.enabled():
             await asyncio.to_thread(tracing.flush)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trex_serve.admission.durability import Durability
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_CATALOG = REPO_DIR / "config" / "catalog.yaml"
@@ -46,6 +48,18 @@ class Settings:
     # A stream entry read by a replica and not acknowledged for this long is taken over by another
     # (the reader died); a live reader re-reads its own pending entries well within it.
     stream_claim_idle_ms: int = 15_000
+    # Durable counter writes (admission/durability.py): replicas that must acknowledge each batch of
+    # admissions and settlements before callers hear of it; 0 = off (Redis's asynchronous replication).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 100
+    redis_settle_deadline_s: float = 10.0
+    # Stored responses (the Responses API's `store`) are kept this many days, then deleted.
+    response_retention_days: int = 30
+    # The response cache's Redis (empty: TREX_REDIS_URL's), the memory its entries may take in all,
+    # and the largest entry it keeps (a larger answer is served, not cached).
+    cache_redis_url: str = ""
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_max_entry_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -66,4 +80,15 @@ class Settings:
             pool_secret=env.get("TREX_POOL_SECRET", ""),
             log_retention_days=_int("TREX_LOG_RETENTION_DAYS", 30),
             stream_claim_idle_ms=_int("TREX_STREAM_CLAIM_IDLE_MS", 15_000),
+            redis_wait_replicas=_int("TREX_REDIS_WAIT_REPLICAS", 0),
+            redis_wait_timeout_ms=_int("TREX_REDIS_WAIT_TIMEOUT_MS", 100),
+            redis_settle_deadline_s=float(env.get("TREX_REDIS_SETTLE_DEADLINE_S") or 10.0),
+            response_retention_days=max(1, _int("TREX_RESPONSE_RETENTION_DAYS", 30)),
+            cache_redis_url=env.get("TREX_CACHE_REDIS_URL", ""),
+            cache_max_bytes=_int("TREX_CACHE_MAX_BYTES", 256 * 1024 * 1024),
+            cache_max_entry_bytes=_int("TREX_CACHE_MAX_ENTRY_BYTES", 1024 * 1024),
         )
+
+    def durability(self) -> Durability | None:
+        return Durability.from_settings(self.redis_wait_replicas, self.redis_wait_timeout_ms,
+                                        self.redis_settle_deadline_s)

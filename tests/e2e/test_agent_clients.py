@@ -1,7 +1,9 @@
 """The coding agents teams put through their gateway, run headless as their users run them, against
 the real Serve app with mock upstreams: Claude Code (`claude -p`, Anthropic's Messages API) on an
-anthropic-format and an openai-format route, and Codex (`codex exec`, the Responses API). Installed
-from npm into a cache reused across runs; skipped only when npm cannot install them."""
+anthropic-format and an openai-format route, and with its own default model name (a catalog alias),
+and Codex (`codex exec`, the Responses API). Installed from npm into a cache under the temp dir reused
+across runs (`TREX_AGENT_CLIENTS_DIR` to move it; the install is bounded by a timeout); skipped only
+when npm cannot install them."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +19,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-CACHE = Path(os.environ.get("TREX_AGENT_CLIENTS_DIR", Path.home() / ".cache" / "trex-agent-clients"))
+CACHE = Path(os.environ.get("TREX_AGENT_CLIENTS_DIR", Path(tempfile.gettempdir()) / "trex-agent-clients"))
+NPM_INSTALL_TIMEOUT_S = 600
 PACKAGES = ("@anthropic-ai/claude-code", "@openai/codex")
 
 
@@ -30,7 +34,7 @@ def bin_dir() -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         try:
             done = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(CACHE), *PACKAGES],
-                                  capture_output=True, text=True, timeout=600)
+                                  capture_output=True, text=True, timeout=NPM_INSTALL_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.skip("npm install of the agent clients timed out")
         if done.returncode != 0:
@@ -44,16 +48,18 @@ def _home(tmp_path: Path) -> dict[str, str]:
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
 
 
-def _claude(bin_dir: Path, gateway: dict, tmp_path: Path, model: str) -> dict:
-    env = {**_home(tmp_path), "ANTHROPIC_BASE_URL": gateway["base"], "ANTHROPIC_API_KEY": gateway["key"],
-           "ANTHROPIC_MODEL": model, "ANTHROPIC_SMALL_FAST_MODEL": model}
+def _claude(bin_dir: Path, gateway: dict, tmp_path: Path, model: str | None) -> dict:
+    env = {**_home(tmp_path), "ANTHROPIC_BASE_URL": gateway["base"], "ANTHROPIC_API_KEY": gateway["key"]}
+    if model is not None:  # None: the names Claude Code picks itself, which the catalog's aliases map
+        env.update(ANTHROPIC_MODEL=model, ANTHROPIC_SMALL_FAST_MODEL=model)
     done = subprocess.run([str(bin_dir / "claude"), "-p", "say hello", "--output-format", "json"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("model", "mock_path"), [("claude-sonnet", "claude"), ("gpt-4o-mini", "alpha")])
+@pytest.mark.parametrize(("model", "mock_path"), [("claude-sonnet", "claude"), ("gpt-4o-mini", "alpha"),
+                                                   (None, "claude")])
 def test_claude_code_answers_through_the_gateway(bin_dir, gateway, tmp_path, model, mock_path):
     for m in gateway["mocks"].values():
         m.reset()
@@ -64,12 +70,14 @@ def test_claude_code_answers_through_the_gateway(bin_dir, gateway, tmp_path, mod
     assert len(sent["tools"]) >= 10  # Claude Code's tools reached the provider (translated or not)
     if mock_path == "claude":  # anthropic-format: Claude Code's own body, its system blocks untouched
         assert isinstance(sent["system"], list) and sent["max_tokens"] >= 32000
+        assert sent["model"] == "claude-sonnet-4-5"  # the route's upstream model, whatever name was asked
     else:  # openai-format: translated to chat completions
         assert sent["messages"][0]["role"] == "system" and sent["stream"] is True
     deadline = time.time() + 10  # the log rows are written in batches
     while True:
         logs = gateway["admin"].get(f"/accounts/{gateway['account']['id']}/logs", params={"limit": 20}).json()
-        if any(row["model_requested"] == model and row["status"] == 200 for row in logs["data"]):
+        if any((row["model_requested"] == model if model else row["model_requested"].startswith("claude-"))
+               and row["status"] == 200 and row["api"] == "messages" for row in logs["data"]):
             break
         assert time.time() < deadline, f"no 200 row for {model} in the request logs: {logs['data'][:3]}"
         time.sleep(0.2)

@@ -1,13 +1,16 @@
 """More than one node: on a two-node Ray cluster on this machine (`trex-serve up --nodes 2`), the
 ingress replicas and each pool's replicas sit on different nodes; when the worker node is lost
 (its raylet and every process under it SIGKILLed) under concurrent clients, every answer is a
-success or the OpenAI envelope (the Locust `node_loss` suite), and when a node joins again Serve
-puts the missing replicas back on it."""
+success or the OpenAI envelope and every credit-billed answer is charged once (the Locust
+`node_loss` suite); every deployment is then back at its replica count on the surviving node
+without a redeploy by hand (the spread supervisor, deployments/spreader.py), the balances
+reconcile, and when a node joins again the replicas are spread over both nodes again."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +39,41 @@ for a in state.actors().values():
         out[a["ActorClassName"].split(":")[-1]].append(node if node in alive else "dead")
 print("PLACEMENT " + json.dumps({"nodes": len(alive), "replicas": out}))
 """
+
+
+SERVING = """
+import json, sys, ray
+from ray.serve.context import _get_global_client
+ray.init(address="127.0.0.1:" + sys.argv[1], logging_level="ERROR", log_to_driver=False)
+alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+out = {}
+for name, dep in _get_global_client().get_serve_details()["applications"]["trex"]["deployments"].items():
+    out[name] = [r["node_id"] if r["node_id"] in alive else "dead" for r in dep["replicas"]
+                 if str(getattr(r["state"], "value", r["state"])) == "RUNNING"]
+print("SERVING " + json.dumps({"nodes": len(alive), "running": out}))
+"""
+COUNTS = {"Ingress": 2, "pool-alpha": 2, "pool-beta": 2}
+
+
+def serving(ray_port: int) -> dict:
+    """Serve's own view: the RUNNING replicas of each deployment and their nodes."""
+    out = subprocess.run([sys.executable, "-c", SERVING, str(ray_port)], capture_output=True, text=True,
+                         timeout=60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("SERVING ")), None)
+    assert line is not None, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(line.removeprefix("SERVING "))
+
+
+def wait_for(ray_port: int, ready, timeout_s: float) -> tuple[float | None, dict]:
+    """(the moment ``ready(serving state)`` first held, or None; the last state seen)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = serving(ray_port)
+        if ready(state):
+            return time.time(), state
+        if time.monotonic() > deadline:
+            return None, state
+        time.sleep(1)
 
 
 def placement(ray_port: int) -> dict:
@@ -85,12 +123,26 @@ def test_replicas_spread_and_a_lost_node_costs_no_request(tmp_path):
         out = done.stdout + done.stderr
         print(out)
         assert done.returncode == 0 and "PASS node_loss" in out, out[-4000:]
-        # A node joins again: Serve puts the missing replicas on it (one per node at most).
+        lost_at = float(re.search(r"\(at (\d+\.\d+)\)", out).group(1))  # type: ignore[union-attr]
+        # Capacity comes back by itself: every deployment at its count on the surviving node.
+        restored, state = wait_for(ray_port, lambda s: s["nodes"] == 1 and all(
+            len(s["running"].get(n, [])) >= c and "dead" not in s["running"][n] for n, c in COUNTS.items()), 180)
+        assert restored is not None, f"capacity not restored on the surviving node: {state}"
+        print(f"capacity restored {restored - lost_at:.1f} s after the node was lost: "
+              f"{ {n: len(r) for n, r in state['running'].items()} }")
+        rec = subprocess.run([*cli, "billing", "reconcile"], env=env, capture_output=True, text=True, timeout=60)
+        assert rec.returncode == 0 and '"mismatched": 0' in rec.stdout, rec.stdout + rec.stderr
+        # A node joins again: the supervisor deploys the app again and the replicas spread over both.
         ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
         rejoin = subprocess.run([ray, "start", f"--address=127.0.0.1:{ray_port}", "--num-cpus=1",
                                  "--disable-usage-stats", f"--temp-dir={ray_temp_dir(tmp_path)}"],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert rejoin.returncode == 0, rejoin.stderr[-2000:]
+        joined = time.time()
+        respread, state = wait_for(ray_port, lambda s: s["nodes"] == 2 and all(
+            len(s["running"].get(n, [])) == c and len(set(s["running"][n])) == 2 for n, c in COUNTS.items()), 180)
+        assert respread is not None, f"not spread again over the joined node: {state}"
+        print(f"spread again {respread - joined:.1f} s after the node joined")
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             where = placement(ray_port)

@@ -250,9 +250,12 @@ def test_hot_routes_skip_serves_proxy_for_each_ingress_replicas_data_server(gate
     before = up_servers()
     with httpx.Client(base_url=gateway["base"], timeout=30) as http:
         hot = http.get("/v1/models", headers={"Authorization": f"Bearer {gateway['key']}"})
-        control = gateway["admin"].get("/accounts")
-    assert hot.status_code == 200 and "aiohttp" in hot.headers.get("server", "")
-    assert control.status_code == 200 and "aiohttp" not in control.headers.get("server", "")
+    taken = up_servers()
+    control = gateway["admin"].get("/accounts")
+    assert hot.status_code == 200 and sum(taken.values()) == sum(before.values()) + 1, (before, taken)
+    assert control.status_code == 200 and up_servers() == taken  # the control surface: Serve's proxy
+    for answer in (hot, control):  # neither announces the stack behind it
+        assert not any(s in answer.headers.get("server", "").lower() for s in ("python", "aiohttp", "uvicorn"))
     for _ in range(6):
         done = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
         assert done.choices[0].message.content

@@ -52,8 +52,8 @@ class Backend:
         elif path == "/v1/chat/completions" and sum(h.get(ID_HEADER.lower()) == headers.get(ID_HEADER.lower())
                                                     for h in self.seen) > 1:
             writer.write(b"HTTP/1.1 200 OK\r\nX-Trex-Request-Id: x\r\nContent-Length: 2\r\n\r\nok")
-        elif path == "/ok":
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        elif path == "/ok":  # announcing its stack, as aiohttp and uvicorn do by default
+            writer.write(b"HTTP/1.1 200 OK\r\nServer: Python/3.11 aiohttp/3.14.5\r\nContent-Length: 2\r\n\r\nok")
         # anything else (and the first try of a chat request): close without a byte of answer
         await writer.drain()
         writer.close()
@@ -104,6 +104,11 @@ def test_front_proxy_signs_its_own_request_id_and_drops_the_clients(front):
     assert trusted_request_id(seen, SECRET) == seen[ID_HEADER.lower()]
     httpx.get(f"{front['url']}/ok")
     assert backend.seen[-1][ID_HEADER.lower()] != seen[ID_HEADER.lower()], "each request gets its own id"
+
+
+def test_front_proxy_does_not_announce_the_stack_behind_it(front):
+    resp = httpx.get(f"{front['url']}/ok")
+    assert resp.status_code == 200 and "server" not in resp.headers, resp.headers
 
 
 def test_ingress_believes_a_request_id_only_with_the_front_secret():

@@ -48,6 +48,16 @@ async def test_routes_it_does_not_serve_are_refused_in_the_envelope(direct):
     assert direct.gate.admitted == 0
 
 
+async def test_refusals_on_anthropic_s_route_come_in_anthropic_s_shape(direct):
+    for kwargs, status, kind in (({"content": b"x" * (64 * 1024 + 1)}, 413, "request_too_large"),
+                                 ({"json": {}, "headers": {"X-Upstream-Api-Key": "has space"}}, 400,
+                                  "invalid_request_error")):
+        r = await direct.post("/v1/messages", **kwargs)
+        assert (r.status_code, r.json()["type"], r.json()["error"]["type"]) == (status, "error", kind)
+        assert r.headers["request-id"] == r.headers["x-trex-request-id"]
+    assert direct.gate.admitted == 0
+
+
 def test_the_client_is_the_last_address_the_front_proxy_wrote():
     assert forwarded_client("203.0.113.7", "127.0.0.1") == "203.0.113.7"
     assert forwarded_client("10.0.0.1, 2001:db8::1", "127.0.0.1") == "2001:db8::1"

@@ -17,7 +17,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from trex_serve.admission.durability import Durability, NotReplicated
 from trex_serve.admission.lean_redis import LeanRedis
 from trex_serve.errors import ServiceUnavailable
 
@@ -54,6 +56,7 @@ def _load_scripts() -> dict[str, _Script]:
     return {
         "admit": _Script("admit", common + "\n" + (_LUA_DIR / "admit.lua").read_text()),
         "settle": _Script("settle", common + "\n" + (_LUA_DIR / "settle.lua").read_text()),
+        "hit": _Script("hit", common + "\n" + (_LUA_DIR / "hit.lua").read_text()),
         "auth": _Script("auth", (_LUA_DIR / "auth_fail.lua").read_text()),
         "grant": _Script("grant", _GRANT_LUA),
         "set_balance": _Script("set_balance", _SET_BALANCE_LUA),
@@ -215,11 +218,12 @@ class ScriptCaller:
 
     def __init__(
         self, client: aioredis.Redis, *, group_commit: bool, max_batch: int, timeout_s: float,
-        lean: bool = True,
+        lean: bool = True, durability: Durability | None = None,
     ) -> None:
         """``lean``: the script calls go over :class:`LeanRedis` (when the URL allows it), not
-        redis-py's pool."""
+        redis-py's pool. ``durability``: every batch waits for replicas (durability.py)."""
         self.client = client
+        self.durability = durability
         self.group_commit = group_commit
         self.timeout_s = timeout_s
         self._batcher = _Batcher(self, max_batch)
@@ -264,7 +268,16 @@ class ScriptCaller:
 
     def _write_now(self, calls: list[tuple[_Script, list[Any]]], handlers: list[Any]) -> bool:
         """Write the calls on the open lean connection, synchronously; False when there is none."""
-        return self._lean is not None and self._lean.send_now(_evalshas(calls), handlers)
+        if self._lean is None:
+            return False
+        commands: list[Any] = _evalshas(calls)
+        if self.durability is not None:  # one WAIT after the batch; replies held until it answers
+            commands, handlers = self.durability.guard(commands, handlers)
+        return self._lean.send_now(commands, handlers)
+
+    def _acknowledged(self, replies: list[Any]) -> list[Any]:
+        """Replies of a batch written with a trailing WAIT (durable mode) -> the batch's results."""
+        return replies if self.durability is None else self.durability.results(replies)
 
     async def _load(self, script: _Script) -> None:
         if self._lean is None:
@@ -276,13 +289,15 @@ class ScriptCaller:
 
     async def _on_connection(self, calls: list[tuple[_Script, list[Any]]],
                              on_sent: Callable[[], Any] = lambda: None) -> list[Any]:
-        commands = _evalshas(calls)
+        commands: list[Any] = _evalshas(calls)
+        if self.durability is not None:
+            commands.append(self.durability.command())
         if self._lean is not None:
             try:
                 results = await self._lean.execute(commands, on_sent)
             except RedisConnectionError:  # a socket the server dropped while idle: once more, fresh
                 results = await self._lean.execute(commands, on_sent)
-            return [_no_script(r) for r in results]
+            return [_no_script(r) for r in self._acknowledged(results)]
         pool = self.client.connection_pool
         for attempt in (1, 2):
             conn = await pool.get_connection()
@@ -290,12 +305,12 @@ class ScriptCaller:
                 await conn.send_packed_command(conn.pack_commands(commands))
                 on_sent()
                 results: list[Any] = []
-                for _ in calls:
+                for _ in commands:
                     try:
                         results.append(await conn.read_response())
                     except ResponseError as exc:
                         results.append(exc)
-                return results
+                return self._acknowledged(results)
             except (RedisConnectionError, OSError):
                 await conn.disconnect()
                 if attempt == 2:
@@ -313,21 +328,58 @@ class ScriptCaller:
         error when it could not be."""
         script = _SCRIPTS[name]
         try:
-            async with asyncio.timeout(self.timeout_s):
-                if batch and self.group_commit:
-                    result = await self._batcher.submit(script, args, sent)
-                else:
-                    result = (await self._roundtrip([(script, args)], lambda: _mark_sent(sent, None)))[0]
+            if self.durability is None:
+                async with asyncio.timeout(self.timeout_s):
+                    result = await self._once(script, args, batch, sent)
+            else:  # ``sent`` only once replicas hold the call: the answer must not leave before
+                result = await self._replicated(script, args, batch, self.durability)
         except BaseException as exc:
             _mark_sent(sent, exc)
             if isinstance(exc, (RedisError, OSError, TimeoutError)):
                 raise _unavailable(exc) from exc
             raise
         if isinstance(result, BaseException):
+            _mark_sent(sent, result)
             if isinstance(result, (RedisError, OSError)):
                 raise _unavailable(result) from result
             raise result
+        _mark_sent(sent, None)
         return result
+
+    async def _once(self, script: _Script, args: list[Any], batch: bool, sent: asyncio.Future | None) -> Any:
+        if batch and self.group_commit:
+            return await self._batcher.submit(script, args, sent)
+        return (await self._roundtrip([(script, args)], lambda: _mark_sent(sent, None)))[0]
+
+    async def _replicated(self, script: _Script, args: list[Any], batch: bool, durable: Durability) -> Any:
+        """One call acknowledged by ``durable.replicas`` replicas (durability.py says why each
+        script is treated as it is). A settlement is sent again until acknowledged (a lost
+        connection or a failover in between included), within its deadline; if a retry finds
+        nothing left to settle, the first attempt's effect survived and its answer stands."""
+        retry = script.name == "settle"
+        first: Any = None
+        delay = 0.02
+        async with asyncio.timeout(durable.settle_deadline_s if retry else self.timeout_s):
+            while True:
+                try:
+                    result = await self._once(script, args, batch, None)
+                    if isinstance(result, NotReplicated):  # the direct path returns replies in place
+                        raise result
+                except NotReplicated as exc:
+                    if script.name == "auth":  # a throttle count lost in a failover costs nothing
+                        return exc.reply
+                    if not retry:
+                        raise
+                    first = exc.reply if first is None else first
+                except (RedisConnectionError, RedisTimeoutError, OSError):
+                    if not retry:
+                        raise
+                else:
+                    if first is not None and not isinstance(result, BaseException) and int(result[0]) == 0:
+                        return first
+                    return result
+                await asyncio.sleep(delay)
+                delay = min(0.25, delay * 2)
 
     async def _cmd(self, coro: Awaitable[Any]) -> Any:
         try:
@@ -337,4 +389,25 @@ class ScriptCaller:
             raise _unavailable(exc) from exc
 
     async def _evalsha_keys(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._evalsha_direct(_SCRIPTS[name], args, keys)
+        if self.durability is None or name == "renew":
+            return await self._evalsha_direct(_SCRIPTS[name], args, keys)
+        return await self._evalsha_acknowledged(_SCRIPTS[name], args, keys, self.durability)
+
+    async def _evalsha_acknowledged(self, script: _Script, args: list[Any], keys: Sequence[str],
+                                    durable: Durability) -> Any:
+        """A rare write outside the hot path (a credits grant, a balance set by reconcile) with its
+        WAIT on the same pooled connection: a grant lost in a failover would leave the balance below
+        the ledger."""
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command(*durable.command())
+            replies = await pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], NoScriptError) and attempt == 1:
+                await self.client.script_load(script.body)
+                continue
+            result = durable.results(replies)[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        raise AssertionError("unreachable")

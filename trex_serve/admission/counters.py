@@ -43,6 +43,8 @@ from trex_serve.admission.counter_records import (
     _s,
 )
 from trex_serve.admission.counter_scripts import ScriptCaller, _now_arg, _opt
+from trex_serve.admission.durability import Durability
+from trex_serve.admission.redis_urls import async_client, close_async
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,10 @@ class CounterStore(ScriptCaller):
         timeout_s: float = 5.0,
         record_ttl_s: int = 7 * 86400,
         lean: bool = True,
+        durability: Durability | None = None,
     ) -> None:
-        super().__init__(client, group_commit=group_commit, max_batch=max_batch, timeout_s=timeout_s, lean=lean)
+        super().__init__(client, group_commit=group_commit, max_batch=max_batch, timeout_s=timeout_s, lean=lean,
+                         durability=durability)
         self.prefix = prefix
         # Set when shutting down: background loops end on it even if redis-py swallows a cancellation.
         self.closing = False
@@ -95,7 +99,8 @@ class CounterStore(ScriptCaller):
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "trex:", **kwargs: Any) -> CounterStore:
-        client = aioredis.Redis.from_url(
+        """Any form of ``TREX_REDIS_URL``, Sentinel included (redis_urls.py)."""
+        client = async_client(
             url,
             decode_responses=True,
             socket_timeout=kwargs.pop("socket_timeout", 5.0),
@@ -108,7 +113,7 @@ class CounterStore(ScriptCaller):
         self.closing = True
         if self._lean is not None:
             self._lean.close()
-        await self.client.aclose()
+        await close_async(self.client)
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -183,6 +188,15 @@ class CounterStore(ScriptCaller):
             orjson.dumps(req.usage).decode() if req.usage else "",
         ]
         return _parse_settle(await self._call("settle", args, sent=sent))
+
+    async def admit_hit(self, key_id: str, rpm: int | None, now: float | None = None) -> AdmitResult:
+        """A response-cache hit: one request against the key's RPM and nothing else (``lua/hit.lua``);
+        nothing to settle afterwards. Batched with the admissions of the same event-loop turn."""
+        raw = await self._call("hit", [self.prefix, key_id, _now_arg(now), int(rpm or 0)])
+        remaining = int(raw[4])
+        return AdmitResult(int(raw[0]) == 1, code=_s(raw[1]) or None, retry_after=int(raw[2]) or None,
+                           rpm_limit=int(raw[3]) or None, rpm_remaining=remaining if remaining >= 0 else None,
+                           rpm_reset=int(raw[5]))
 
     async def lift_velocity_stop(self, key_id: str) -> None:
         """The key's suspension is in SQL and announced: admission no longer needs its mark."""

@@ -40,7 +40,7 @@ class Ticket:
     """An admitted request: what was reserved, to be settled exactly once."""
 
     principal: Principal
-    billing: str  # "quota" | "credits"
+    billing: str  # "quota" | "credits" | "none" (a response-cache hit: nothing billed)
     request_id: str
     prompt_estimate: int = 0  # prompt tokens by our count: what a cut answer is billed for its prompt
     reserved_micro: int = 0
@@ -77,6 +77,10 @@ class Gate(Protocol):
     def check_model(self, principal: Principal, resolution: Resolution) -> None: ...
 
     async def admit(self, principal: Principal, ask: AdmitAsk) -> Ticket: ...
+
+    async def admit_hit(self, principal: Principal, ask: AdmitAsk) -> Ticket:
+        """A request the response cache answers: counted against RPM only, nothing to settle."""
+        ...
 
     async def provider_key(self, principal: Principal, provider: str, override: str | None) -> str | None:
         """The key to call ``provider`` with, or None when it can't be called for this principal."""

@@ -191,9 +191,9 @@ class KeyGate:
 
     # ---- admission -----------------------------------------------------------------------------
 
-    async def admit(self, principal: Principal, ask: AdmitAsk) -> Ticket:
-        ctx: KeyContext = principal.context
-        plan = self._plan(principal)
+    def _ceilings(self, ctx: KeyContext, ask: AdmitAsk) -> tuple[list[RiskSettings], int | None]:
+        """The per-request ceilings (CONTRACT.md section 9): refused before any counter moves.
+        Returns the key's risk settings and its output ceiling."""
         risks = self._risks(ctx)
         max_out = min((r.max_output_tokens for r in risks if r.max_output_tokens), default=None)
         max_prompt = min((r.max_prompt_tokens for r in risks if r.max_prompt_tokens), default=None)
@@ -204,6 +204,24 @@ class KeyGate:
             param = "input" if ask.api == "responses" else "messages"
             raise RequestLimitExceeded(f"The prompt (~{ask.prompt_tokens} tokens) exceeds this key's ceiling "
                                        f"of {max_prompt} tokens.", param=param)
+        return risks, max_out
+
+    async def admit_hit(self, principal: Principal, ask: AdmitAsk) -> Ticket:
+        """A request answered from the response cache: the same ceilings, then one request against
+        RPM and nothing else (no tokens, no lease, no quota, no credits; nothing to settle)."""
+        ctx: KeyContext = principal.context
+        self._ceilings(ctx, ask)
+        rpm = _strictest((ctx.limits or {}).get("rpm"), self._plan(principal).rpm) or None
+        result = await self.counters.admit_hit(ctx.key_id, rpm)
+        headers = result.rate_limit_headers()
+        if not result.ok:
+            self._refuse(result, ctx, headers)
+        return Ticket(principal, "none", ask.request_id, headers=headers)
+
+    async def admit(self, principal: Principal, ask: AdmitAsk) -> Ticket:
+        ctx: KeyContext = principal.context
+        plan = self._plan(principal)
+        risks, max_out = self._ceilings(ctx, ask)
         res = ask.resolution
         model = res.primary
         credits = (model.tier == "premium" or res.pinned or not plan.standard_uses_quota

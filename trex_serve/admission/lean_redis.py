@@ -6,20 +6,24 @@ by hiredis. redis-py's pooled path spent ~75 µs of Python before the bytes of o
 twice per request (docs/BENCHMARKS.md). Every other Redis command stays on redis-py.
 
 Plain TCP and Unix-socket URLs only (``redis://``, ``unix://``, with a user, a password and a
-database); anything else (TLS) makes :meth:`LeanRedis.for_client` answer None and the caller
-keeps redis-py's path."""
+database), and a Sentinel-managed primary (``redis+sentinel://``, redis_urls.py): the address is
+asked of the sentinels on every (re)connection and the server must say it is the primary. Anything
+else (TLS) makes :meth:`LeanRedis.for_client` answer None and the caller keeps redis-py's path.
+A ``READONLY`` error reply means the server was demoted under us: the connection is dropped, so
+every call on it fails as on a lost socket and is sent again on a fresh connection."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -68,6 +72,10 @@ class _Resp(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            if isinstance(reply, ResponseError) and str(reply).startswith("READONLY"):
+                # A demoted primary (failover): nothing on this socket can be written any more.
+                self._fail(RedisConnectionError(f"Redis server is now a replica: {reply}"))
+                return
             self._waiting.popleft()(reply, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,8 +111,11 @@ class _Resp(asyncio.Protocol):
 class LeanRedis:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None, db: int = 0,
                  username: str | None = None, password: str | None = None, encoding: str | None = "utf-8",
-                 connect_timeout_s: float = 2.0) -> None:
+                 connect_timeout_s: float = 2.0, resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+                 ) -> None:
+        """``resolve``: asked for (host, port) on every connection (a Sentinel-managed primary)."""
         self.host, self.port, self.path, self.db = host, port, path, int(db or 0)
+        self.resolve = resolve
         self.username, self.password = username, password
         self.encoding = encoding
         self.connect_timeout_s = connect_timeout_s
@@ -122,6 +133,8 @@ class LeanRedis:
                   "connect_timeout_s": kw.get("socket_connect_timeout") or 2.0}
         if pool.connection_class is Connection:
             return cls(host=kw.get("host", "localhost"), port=int(kw.get("port", 6379)), **common)
+        if isinstance(pool, SentinelConnectionPool) and pool.connection_class is SentinelManagedConnection:
+            return cls(resolve=pool.get_master_address, **common)
         if pool.connection_class is UnixDomainSocketConnection:
             return cls(path=kw["path"], **common)
         return None
@@ -142,6 +155,8 @@ class LeanRedis:
         loop = asyncio.get_running_loop()
         proto = _Resp(self.encoding)
         async with asyncio.timeout(self.connect_timeout_s):
+            if self.resolve is not None:  # raises a ConnectionError while no primary is known
+                self.host, self.port = await self.resolve()
             try:
                 if self.path is not None:
                     await loop.create_unix_connection(lambda: proto, self.path)
@@ -154,12 +169,18 @@ class LeanRedis:
                 hello.append(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password])
             if self.db:
                 hello.append(["SELECT", self.db])
+            if self.resolve is not None:  # the sentinels' answer may be a moment behind a failover
+                hello.append(["ROLE"])
             if hello:
-                for reply in await asyncio.gather(*proto.send_awaitable(b"".join(pack(c) for c in hello),
-                                                                        len(hello))):
+                replies = await asyncio.gather(*proto.send_awaitable(b"".join(pack(c) for c in hello), len(hello)))
+                for reply in replies:
                     if isinstance(reply, ResponseError):
                         proto.close()
                         raise reply
+                role = replies[-1][0] if self.resolve is not None else "master"
+                if role not in ("master", b"master"):
+                    proto.close()
+                    raise RedisConnectionError(f"{self.host}:{self.port} is not the primary ({role!r})")
         self._conn = proto
         return proto
 

@@ -19,7 +19,7 @@ from trex_serve.api.responses import (
     response_object,
     responses_usage,
 )
-from trex_serve.providers.sse import EventSplitter, data_of
+from trex_serve.providers.sse import DONE, EventSplitter, chat_event
 
 
 class ResponsesStream:
@@ -203,17 +203,9 @@ class ResponsesStream:
     def _handle(self, event: bytes) -> bytes:
         if event.startswith(b":"):
             return event + b"\n\n"  # comments (the settlement trailer) pass through
-        if self._ended:
-            return b""
-        data = data_of(event)
-        if data is None:
-            return b""
-        if data.strip() == b"[DONE]":
+        obj = None if self._ended else chat_event(event)
+        if obj is DONE:
             return self._complete()
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return b""
         if not isinstance(obj, dict):
             return b""
         if isinstance(obj.get("error"), dict):

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.errors import InvalidRequest
 
 
@@ -35,9 +36,18 @@ class TrexRouting(BaseModel):
     allow_fallbacks: bool = True
 
 
+class TrexCache(BaseModel):
+    """The response cache for this request (trex_serve/cache/): answers kept ``ttl_s`` seconds; 0 = off
+    for this request even when the key has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: int = Field(ge=0, le=MAX_CACHE_TTL_S)
+
+
 class TrexExtension(BaseModel):
     model_config = ConfigDict(extra="forbid")
     routing: TrexRouting = Field(default_factory=TrexRouting)
+    cache: TrexCache | None = None
 
 
 class ChatCompletionRequest(_Open):

@@ -14,6 +14,7 @@ from typing import Any
 from trex_serve.admission.counters import CounterStore
 from trex_serve.billing.streams import stream_key
 from trex_serve.observability.metrics import RECONCILE_KEY
+from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine
 from trex_serve.store.repository import Repository
 
@@ -22,7 +23,8 @@ async def reconcile(database_url: str, redis_url: str, secret_key: str, fix: boo
                     prefix: str = "trex:") -> dict[str, Any]:
     engine = create_engine(database_url or None)
     repo = Repository(engine, secret_key or "unused-for-reconcile")
-    counters = CounterStore.from_url(redis_url, prefix=prefix)
+    # A balance fixed here waits for the replicas as the gateway's writes do (TREX_REDIS_WAIT_REPLICAS).
+    counters = CounterStore.from_url(redis_url, prefix=prefix, durability=Settings.from_env().durability())
     try:
         ledger = await asyncio.to_thread(repo.all_balances)
         rows = []

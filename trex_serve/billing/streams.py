@@ -34,6 +34,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from trex_serve.admission.durability import Durability
+
 log = logging.getLogger("trex.streams")
 
 GROUP = "sql"
@@ -107,15 +109,24 @@ def encode_row(row: dict[str, Any]) -> dict[str, bytes]:
     return {"j": orjson.dumps(row, default=str)}
 
 
-def appender(client: aioredis.Redis, prefix: str, name: str) -> Callable[[list[dict[str, Any]]], Any]:
-    """A ``BatchWriter`` flush that appends rows to a stream: one pipeline for the whole batch."""
+def appender(client: aioredis.Redis, prefix: str, name: str,
+             durability: Durability | None = None) -> Callable[[list[dict[str, Any]]], Any]:
+    """A ``BatchWriter`` flush that appends rows to a stream: one pipeline for the whole batch.
+    With ``durability`` the pipeline ends with its WAIT, and a batch the replicas did not
+    acknowledge fails, so the writer sends it again (rows are inserted once: idempotent keys)."""
     key = stream_key(prefix, name)
 
     async def append(rows: list[dict[str, Any]]) -> None:
         pipe = client.pipeline(transaction=False)
         for row in rows:
             pipe.xadd(key, encode_row(row))
-        await pipe.execute()
+        if durability is None:
+            await pipe.execute()
+            return
+        pipe.execute_command(*durability.command())
+        for reply in durability.results(await pipe.execute()):
+            if isinstance(reply, BaseException):
+                raise reply
 
     return append
 

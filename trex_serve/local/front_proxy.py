@@ -57,6 +57,8 @@ frontend public
     http-request del-header {auth_header}
     http-request set-header {id_header} %[unique-id]
     http-request set-header {auth_header} {secret}
+    # What runs behind (aiohttp, uvicorn, their versions) is nobody's business.
+    http-response del-header Server
 {data_route}    default_backend serve
 {data_backend}backend serve
 {serve_rules}    server serve {internal_host}:{internal}
@@ -82,7 +84,10 @@ BACKEND_RULES = """    # Chat and responses are idempotent by the front's reques
 DATA_ROUTE = """    acl data_post path /v1/chat/completions /v1/responses /v1/messages
     acl data_get path /v1/models
     acl data_get path_beg /v1/models/
-    use_backend data if METH_POST data_post || METH_GET data_get
+    # Stored responses: read (and their input items) and deleted on the same servers.
+    acl data_get path_beg /v1/responses/
+    acl data_delete path_beg /v1/responses/
+    use_backend data if METH_POST data_post || METH_GET data_get || METH_DELETE data_delete
 """
 DATA_BACKEND = """backend data
 {rules}    balance leastconn

@@ -75,7 +75,7 @@ def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> No
 
 
 def supervise(cfg: str, socket_path: str, redis_url: str, slots: int, every_s: float = 0.25) -> int:
-    import redis
+    from trex_serve.admission.redis_urls import sync_client
 
     proc = subprocess.Popen([require_haproxy(), "-db", "-f", cfg])
     stop = {"now": False}
@@ -87,7 +87,7 @@ def supervise(cfg: str, socket_path: str, redis_url: str, slots: int, every_s: f
     signal.signal(signal.SIGINT, _stop)
     try:
         _wait_socket(socket_path, proc)
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        client = sync_client(redis_url, socket_timeout=2)  # Sentinel URLs too: it follows a failover
         table = Slots(slots)
         last: list[str] | None = None
         while not stop["now"] and proc.poll() is None:

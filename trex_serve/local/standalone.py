@@ -39,7 +39,8 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
     migrate(engine)
     repo = Repository(engine, settings.secret_key)
     repo.sync_plans([p.model_dump() for p in catalog.plans])
-    runtime = Runtime(settings, catalog, repo, CounterStore.from_url(settings.redis_url, prefix=counters_prefix))
+    runtime = Runtime(settings, catalog, repo, CounterStore.from_url(settings.redis_url, prefix=counters_prefix,
+                                                                     durability=settings.durability()))
     runtime.start()
     hop_secret = secrets.token_urlsafe(16)
     pool = PoolServer({p.name: p for p in catalog.providers}, hop_secret)
@@ -50,7 +51,8 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
 
     relay = HttpRelay(pick, hop_secret)
     planner = runtime.planner = Planner(cost=target_cost(catalog))
-    pipeline = Pipeline(catalog, settings, runtime.gate, runtime.keyed(relay), planner, runtime.record)
+    pipeline = Pipeline(catalog, settings, runtime.gate, runtime.keyed(relay), planner, runtime.record,
+                        stored=runtime.stored, cache=runtime.cache)
     admin_app = runtime.admin_app()
 
     async def pipeline_ref() -> Pipeline:

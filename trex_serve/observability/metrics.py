@@ -106,6 +106,11 @@ class GatewayMetrics:
                                registry=r)
         self.quota_requests = Counter("trex_quota_requests_total", "Successful requests billed to quota.",
                                       registry=r)
+        self.cache = Counter("trex_response_cache_total", "Requests that asked the response cache, by API and "
+                             "result (hit: answered from the cache, nothing upstream; miss).", ["api", "result"],
+                             registry=r)
+        self.stored_failures = Counter("trex_stored_response_failures_total", "Responses that should have been "
+                                       "stored (store: true) and could not be (the database refused).", registry=r)
         self.health_score = Gauge("trex_upstream_health_score", "Router health score per provider×model.",
                                   ["provider", "model"], registry=r)
         self.circuit = Gauge("trex_circuit_state", "Circuit breaker state per provider×model (1 = current).",
@@ -164,6 +169,8 @@ class GatewayMetrics:
             self.credits.inc(rec.credits_charged)
         if rec.billing == "quota" and rec.status == 200:
             self.quota_requests.inc()
+        if rec.cache is not None:
+            self.cache.labels(_label(rec.api), rec.cache).inc()
 
     __call__ = observe
 

@@ -34,6 +34,7 @@ class RequestRecord:
     tokens_cache_write: int = 0
     tokens_cache_write_1h: int = 0
     tokens_reasoning: int = 0
+    cache: str | None = None  # the response cache's verdict: "hit" | "miss" | None (not asked)
     created_at: float = field(default_factory=time.time)
 
     def row(self) -> dict[str, Any]:

@@ -72,10 +72,11 @@ class Adapter(Protocol):
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider, *, thinking: str | None = None,
-              client_headers: dict[str, str] | None = None) -> UpstreamCall:
+              client_headers: dict[str, str] | None = None, raw: bytes | None = None) -> UpstreamCall:
         """``thinking``: how the upstream model takes reasoning, where the format has several
         forms (the catalog candidate's ``thinking``). ``client_headers``: the client's own headers
-        a same-format provider gets (anthropic-version, anthropic-beta)."""
+        a same-format provider gets (anthropic-version, anthropic-beta). ``raw``: ``body`` as the
+        bytes the client sent, for a same-format pass-through that sends them as they are."""
         ...
 
     def translate_response(self, api: str, body: bytes) -> tuple[bytes, Usage | None]: ...

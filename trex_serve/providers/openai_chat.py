@@ -103,6 +103,9 @@ class MessagesStream:
     def feed(self, chunk: bytes) -> bytes:
         return self._anthropic.feed(self._chat.feed(chunk))
 
+    def error_event(self, message: str, code: str = "") -> bytes:
+        return self._anthropic.error_event(message, code)
+
     def finish(self) -> bytes:
         return self._anthropic.feed(self._chat.finish()) + self._anthropic.finish()
 
@@ -113,9 +116,10 @@ class OpenAIChatAdapter:
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider, *, thinking: str | None = None,
-              client_headers: dict[str, str] | None = None) -> UpstreamCall:
+              client_headers: dict[str, str] | None = None, raw: bytes | None = None) -> UpstreamCall:
         if api == "messages":  # Anthropic's Messages API in, chat completions to the provider
-            body = messages_to_chat(body, keep_cache=provider.cache_control)
+            # thinking "effort": the catalog says this upstream model takes reasoning_effort
+            body = messages_to_chat(body, keep_cache=provider.cache_control, effort=thinking == "effort")
         out = dict(body)
         out["model"] = upstream_model
         if stream:

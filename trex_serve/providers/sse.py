@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 from trex_serve.providers.usage import Usage
 
 
@@ -29,6 +31,25 @@ def data_of(event: bytes) -> bytes | None:
         if line.startswith(b"data:"):
             out.append(line[5:].lstrip(b" "))
     return b"\n".join(out) if out else None
+
+
+DONE = object()  # a chat stream's `data: [DONE]`
+
+
+def chat_event(event: bytes) -> object | dict | None:
+    """One event of a chat.completion.chunk stream, for a translator of such streams: :data:`DONE`,
+    the decoded JSON object (a chunk, or ``{"error": {...}}``), or None for anything to skip.
+    Comments are the caller's to pass on (see :func:`usage_comment`)."""
+    data = data_of(event)
+    if data is None:
+        return None
+    if data.strip() == b"[DONE]":
+        return DONE
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def usage_comment(usage: Usage) -> bytes:

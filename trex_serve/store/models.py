@@ -68,6 +68,8 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
     )
+    # The response cache's default time-to-live for this key's requests (None: off unless asked).
+    cache_ttl_s: int | None = Field(default=None)
 
 
 class ProviderBinding(SQLModel, table=True):
@@ -113,6 +115,8 @@ class RequestLog(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False, index=True)
     )
+    # The route: chat, responses, messages (Anthropic's Messages API), count_tokens; None before 0004.
+    api: str | None = Field(default=None, max_length=32)
     model_requested: str | None = Field(default=None, max_length=256)
     provider: str | None = Field(default=None, max_length=64)
     model_served: str | None = Field(default=None, max_length=256)
@@ -133,6 +137,9 @@ class RequestLog(SQLModel, table=True):
     stream: bool = Field(default=False)
     prompt_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     completion_text: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+    # The response cache's verdict: "hit" (answered from the cache, nothing upstream) or "miss"; None
+    # when the request did not use the cache (and for rows before 0005).
+    cache: str | None = Field(default=None, max_length=8)
 
 
 class AuditLog(SQLModel, table=True):
@@ -171,7 +178,29 @@ class OwnerToken(SQLModel, table=True):
     account_id: str = Field(foreign_key="accounts.id", index=True, max_length=64)
 
 
+class StoredResponse(SQLModel, table=True):
+    """A Responses API answer kept for ``GET /v1/responses/{id}`` and ``previous_response_id``
+    (trex_serve/conversations/). ``content`` (the input items and the response object) is encrypted
+    with TREX_SECRET_KEY as provider keys are; in the clear only what lookups and expiry need. The
+    key is (account, id): another account's id is simply not there."""
+
+    __tablename__ = "stored_responses"
+    __table_args__ = (sa.Index("ix_stored_responses_expires_at", "expires_at"),)
+    account_id: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=128)
+    previous_response_id: str | None = Field(default=None, max_length=128)
+    key_id: str | None = Field(default=None, max_length=64)
+    request_id: str | None = Field(default=None, max_length=128)
+    model: str | None = Field(default=None, max_length=256)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False)
+    )
+    expires_at: datetime = Field(sa_column=sa.Column(sa.DateTime(timezone=True), nullable=False))
+    content: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+
+
 metadata = SQLModel.metadata
 TABLES = [
     PlanRow, Account, ApiKey, ProviderBinding, LedgerEntry, RequestLog, AuditLog, RiskEvent, OwnerToken,
+    StoredResponse,
 ]

@@ -42,6 +42,7 @@ from trex_serve.store.shapes import (
     KeyLimits,
     _account_dict,
     _applies,
+    _cache_ttl,
     _choice,
     _key_dict,
     _limits,
@@ -239,6 +240,7 @@ class Repository(BindingsMixin, HistoryMixin):
         expires_at: datetime | str | None = None,
         risk: Any = None,
         billing_policy: str = "reject",
+        cache_ttl_s: int | None = None,
         *,
         actor: str = "operator",
     ) -> tuple[dict[str, Any], str]:
@@ -249,6 +251,7 @@ class Repository(BindingsMixin, HistoryMixin):
         models_data = _models(models)
         risk_data = _risk(risk)
         _choice(billing_policy, BILLING_POLICIES, "billing_policy")
+        cache_ttl = _cache_ttl(cache_ttl_s)
         expires = as_utc(expires_at)
         plaintext = keygen.generate_api_key()
         with self._session() as s, s.begin():
@@ -265,6 +268,7 @@ class Repository(BindingsMixin, HistoryMixin):
                 models=models_data,
                 risk=risk_data,
                 billing_policy=billing_policy,
+                cache_ttl_s=cache_ttl,
             )
             s.add(key)
             s.flush()
@@ -317,6 +321,8 @@ class Repository(BindingsMixin, HistoryMixin):
                     key.risk = _risk(value)
                 elif name == "billing_policy":
                     key.billing_policy = _choice(value, BILLING_POLICIES, "billing_policy")
+                elif name == "cache_ttl_s":
+                    key.cache_ttl_s = _cache_ttl(value)
             s.flush()
             after = _key_dict(key)
             if after != before:
@@ -378,6 +384,7 @@ class Repository(BindingsMixin, HistoryMixin):
             log_content=bool(acc.log_content),
             bound_providers=bound,
             name=key.name,
+            cache_ttl_s=key.cache_ttl_s,
         )
 
 __all__ = [

@@ -34,7 +34,7 @@ BILLING_POLICIES = ("reject", "downgrade")
 LEDGER_KINDS = ("grant", "charge", "refund", "adjust")
 
 _ACCOUNT_FIELDS = {"name", "plan", "state", "subscription_state", "grace_until", "risk", "log_content"}
-_KEY_FIELDS = {"name", "state", "expires_at", "limits", "models", "risk", "billing_policy"}
+_KEY_FIELDS = {"name", "state", "expires_at", "limits", "models", "risk", "billing_policy", "cache_ttl_s"}
 _LOG_COLUMNS = {c.name for c in RequestLog.__table__.columns} - {"id"}
 _LEDGER_COLUMNS = {c.name for c in LedgerEntry.__table__.columns} - {"id"}
 _SECRET_FIELDS = {"key_hash", "encrypted_key", "key", "owner_token", "token_hash"}
@@ -141,6 +141,17 @@ def _choice(value: Any, allowed: tuple[str, ...], param: str) -> str:
     return value
 
 
+def _cache_ttl(value: Any) -> int | None:
+    """A key's default response-cache time-to-live in seconds; 0 or None turns the default off."""
+    from trex_serve.cache import MAX_TTL_S
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TTL_S:
+        raise InvalidRequest(f"cache_ttl_s must be an integer from 0 to {MAX_TTL_S}", param="cache_ttl_s")
+    return value or None
+
+
 def redact(data: Any) -> Any:
     """Drop secret fields (hashes, encrypted or plaintext keys, tokens) from an audit payload."""
     if isinstance(data, dict):
@@ -178,6 +189,7 @@ def _key_dict(k: ApiKey) -> dict[str, Any]:
         "models": k.models,
         "risk": k.risk,
         "billing_policy": k.billing_policy,
+        "cache_ttl_s": k.cache_ttl_s,
         "created_at": _iso(k.created_at),
     }
 
@@ -205,6 +217,7 @@ def _log_dict(r: RequestLog) -> dict[str, Any]:
         "key_id": r.key_id,
         "key_prefix": r.key_prefix,
         "created_at": _iso(r.created_at),
+        "api": r.api,
         "model_requested": r.model_requested,
         "provider": r.provider,
         "model_served": r.model_served,
@@ -223,6 +236,7 @@ def _log_dict(r: RequestLog) -> dict[str, Any]:
         "credits_charged_micro": int(r.credits_charged or 0),
         "credits_charged": credits(r.credits_charged),
         "stream": bool(r.stream),
+        "cache": r.cache,  # the response cache's verdict: "hit" (answered from it), "miss", or None
         "prompt_text": r.prompt_text,
         "completion_text": r.completion_text,
     }
@@ -281,6 +295,7 @@ class KeyContext:
     log_content: bool
     bound_providers: frozenset[str] = field(default_factory=frozenset)
     name: str | None = None
+    cache_ttl_s: int | None = None  # the response cache's default for this key (None: off)
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or utcnow())

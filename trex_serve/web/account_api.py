@@ -28,6 +28,7 @@ from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
 from trex_serve.billing.pricing import start_of_utc_day
+from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.catalog import Catalog
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.store.models import RequestLog
@@ -46,13 +47,16 @@ class CreateKey(_Body):
     models: list[str] | None = None
     expires_at: datetime | None = None
     risk: RiskSettings | None = None
+    cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)
 
 
 class PatchKey(_Body):
-    """An owner may pause and resume a key; suspension and its lifting belong to the operator."""
+    """An owner may pause and resume a key and choose its response-cache default; suspension and its
+    lifting belong to the operator."""
 
     name: str | None = Field(default=None, max_length=200)
     state: Literal["active", "inactive"] | None = None
+    cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)  # 0 or null: off
 
     _not_null = field_validator("state")(reject_null)
 

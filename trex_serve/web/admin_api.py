@@ -24,6 +24,7 @@ from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
 from trex_serve.billing.pricing import start_of_utc_day
+from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.errors import AuthError, InvalidRequest, NotFound, ServiceUnavailable
 from trex_serve.store.repository import KeyLimits, Repository, credits, to_micro
 
@@ -74,6 +75,7 @@ class CreateKey(_Body):
     expires_at: datetime | None = None
     risk: RiskSettings | None = None
     billing_policy: Literal["reject", "downgrade"] = "reject"
+    cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)  # response cache default; 0 = off
 
 
 class PatchKey(_Body):
@@ -84,6 +86,7 @@ class PatchKey(_Body):
     expires_at: datetime | None = None
     risk: RiskSettings | None = None
     billing_policy: Literal["reject", "downgrade"] | None = None
+    cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)  # 0 or null: off
 
     _not_null = field_validator("state", "billing_policy")(reject_null)
 

@@ -17,12 +17,15 @@ from aiohttp import web
 
 from trex_serve.admission.client_ip import client_address
 from trex_serve.answers import Answer
+from trex_serve.api.stored_responses import is_stored_path, stored_response
 from trex_serve.errors import TrexError
 from trex_serve.pipeline import Pipeline
 from trex_serve.web.front_id import AUTH_HEADER, front_secret, trusted_request_id
 from trex_serve.web.wire import (
+    MESSAGES_PATHS,
     anthropic_auth,
     anthropic_client_headers,
+    anthropic_refusal,
     as_trex_error,
     check_declared_length,
     refusal,
@@ -81,8 +84,8 @@ class DataServer:
                                         status=403, code="forbidden", type="invalid_request_error"))
             try:
                 answer = await self._answer(request, pipeline, secret)
-            except Exception as exc:  # every refusal leaves as the OpenAI envelope
-                return _error(as_trex_error(exc))
+            except Exception as exc:  # every refusal leaves as the OpenAI envelope (Anthropic's on its routes)
+                return _error(as_trex_error(exc), request.path in MESSAGES_PATHS)
             if answer.settling is not None:  # still in flight until settled (drain waits for it)
                 self.inflight += 1
                 answer.settling.add_done_callback(self._settled)
@@ -109,6 +112,8 @@ class DataServer:
             return await pipeline.messages(body, anthropic_auth(headers), client, upstream_key(headers),
                                            trusted_request_id(headers, secret), trace_carrier=headers,
                                            client_headers=anthropic_client_headers(headers))
+        if method in ("GET", "DELETE") and is_stored_path(path):
+            return await stored_response(pipeline, method, path, request.query, auth, client)
         if method == "GET" and path == "/v1/models":
             return await pipeline.models(auth, client)
         if method == "GET" and path.startswith("/v1/models/"):
@@ -129,8 +134,8 @@ async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(exc: TrexError) -> web.Response:
-    status, headers, body = refusal(exc)
+def _error(exc: TrexError, anthropic: bool = False) -> web.Response:
+    status, headers, body = anthropic_refusal(exc) if anthropic else refusal(exc)
     return web.Response(status=status, headers=headers, body=body, content_type="application/json")
 
 

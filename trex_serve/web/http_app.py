@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.admission.client_ip import client_address
 from trex_serve.answers import Answer
+from trex_serve.api.stored_responses import stored_response
 from trex_serve.errors import InvalidRequest, TrexError
 from trex_serve.pipeline import Pipeline
 from trex_serve.settings import Settings
@@ -25,6 +26,7 @@ from trex_serve.web.front_id import front_secret, trusted_request_id
 from trex_serve.web.wire import (
     anthropic_auth,
     anthropic_client_headers,
+    anthropic_refusal,
     as_trex_error,
     check_declared_length,
     refusal,
@@ -63,6 +65,11 @@ async def _finish(settling: asyncio.Task) -> None:
 
 def error_response(exc: TrexError, request_id: str | None = None) -> Response:
     status, headers, body = refusal(exc, request_id)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def anthropic_error_response(exc: TrexError) -> Response:
+    status, headers, body = anthropic_refusal(exc)
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
@@ -177,9 +184,13 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         pipeline = await pipeline_ref()
-        body = await read_body(request, pipeline.settings.max_body_bytes)
+        try:
+            body = await read_body(request, pipeline.settings.max_body_bytes)
+            key = upstream_key(request.headers)
+        except TrexError as exc:
+            return anthropic_error_response(exc)
         answer = await pipeline.messages(body, anthropic_auth(request.headers), ip(request, pipeline.settings),
-                                         upstream_key(request.headers), front_id(request, pipeline.settings),
+                                         key, front_id(request, pipeline.settings),
                                          trace_carrier=request.headers,
                                          client_headers=anthropic_client_headers(request.headers))
         return render(answer)
@@ -187,7 +198,10 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         pipeline = await pipeline_ref()
-        body = await read_body(request, pipeline.settings.max_body_bytes)
+        try:
+            body = await read_body(request, pipeline.settings.max_body_bytes)
+        except TrexError as exc:
+            return anthropic_error_response(exc)
         return render(await pipeline.count_tokens(body, anthropic_auth(request.headers),
                                                   ip(request, pipeline.settings),
                                                   anthropic_client_headers(request.headers)))
@@ -195,6 +209,18 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     @app.head("/")
     async def head_root() -> Response:
         return Response(status_code=200)  # Claude Code's reachability check before its first request
+
+    async def stored(request: Request) -> Response:
+        """Stored responses: retrieve, delete, input items (api/stored_responses.py)."""
+        pipeline = await pipeline_ref()
+        return render(await stored_response(pipeline, request.method, request.scope["path"], request.query_params,
+                                            request.headers.get("authorization"), ip(request, pipeline.settings)))
+
+    # One handler, one OpenAPI operation per method and path (their ids must differ).
+    for path, method, op in (("/v1/responses/{response_id}", "GET", "retrieve_response"),
+                             ("/v1/responses/{response_id}", "DELETE", "delete_response"),
+                             ("/v1/responses/{response_id}/input_items", "GET", "list_input_items")):
+        app.add_api_route(path, stored, methods=[method], operation_id=op)
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:

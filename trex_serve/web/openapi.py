@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest
+from trex_serve.web import openapi_anthropic
 
 
 class _Doc(BaseModel):
@@ -210,7 +211,7 @@ def describe(spec: dict[str, Any]) -> dict[str, Any]:
         op = paths.get(path, {}).get("get")
         if op is not None:
             op["responses"] = {"200": _json(answer, "What this key may use"), **_errors()}
-    return spec
+    return openapi_anthropic.describe(spec)
 
 
 def install(app: FastAPI) -> None:

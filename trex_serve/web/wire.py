@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 
 from trex_serve.answers import Answer
+from trex_serve.api.anthropic_messages import anthropic_error_body
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.hop.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
 from trex_serve.pipeline import new_request_id
@@ -80,3 +81,15 @@ def refusal(exc: TrexError, request_id: str | None = None) -> tuple[int, dict[st
     rid = request_id or new_request_id()
     headers = {"X-Trex-Request-Id": rid, "X-Trex-Attempts": "0", **exc.response_headers()}
     return exc.status, headers, exc.body(rid)
+
+
+MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def anthropic_refusal(exc: TrexError, request_id: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A refusal on Anthropic's routes (a body over the limit, a malformed header) in Anthropic's
+    shape, with its ``request-id`` header, as the pipeline answers its own refusals there."""
+    status, headers, body = refusal(exc, request_id)
+    status, body = anthropic_error_body(status, body)
+    headers["request-id"] = headers["X-Trex-Request-Id"]
+    return status, headers, body

@@ -52,8 +52,10 @@ class AnthropicAnswers:
     async def messages(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
         self.stats["last_auth"] = request.headers.get("x-api-key")
+        raw = await request.read()
+        self.stats["last_raw"] = raw.decode("utf-8", "replace")  # the bytes as received (pass-through tests)
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             self._count(400)
             return _anthropic_error(400, "bad json")
@@ -111,7 +113,9 @@ class AnthropicAnswers:
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         """Anthropic's token count: its own arithmetic (a character in three), unlike the gateway's."""
-        body = await request.json()
+        raw = await request.read()
+        self.stats["last_raw"] = raw.decode("utf-8", "replace")
+        body = orjson.loads(raw)
         self.stats["last_model"] = body.get("model")
         self.stats["last_body"] = body
         chars = sum(len(_anthropic_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))

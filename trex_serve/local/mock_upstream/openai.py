@@ -13,6 +13,23 @@ import orjson
 from aiohttp import web
 
 
+def _forced_call(body: dict[str, Any], last: Any) -> dict[str, Any] | None:
+    """A forced tool choice is answered with a call of that (or the first) tool, as OpenAI does."""
+    choice = body.get("tool_choice")
+    if not (body.get("tools") and (choice == "required" or isinstance(choice, dict))):
+        return None
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    name = name or (body["tools"][0].get("function") or {}).get("name") or "tool"
+    return {"id": "call_" + uuid.uuid4().hex[:12], "type": "function",
+            "function": {"name": name, "arguments": orjson.dumps({"query": str(last)[:100]}).decode()}}
+
+
+def _reasoning(body: dict[str, Any], last: Any) -> str:
+    """The reasoning text a reasoning model (vLLM, DeepSeek) answers with when asked for an effort."""
+    effort = body.get("reasoning_effort")
+    return f"Thinking about: {str(last or '')[:80]}" if isinstance(effort, str) and effort != "none" else ""
+
+
 class OpenAIAnswers:
     """The OpenAI-shaped endpoints of :class:`~trex_serve.local.mock_upstream.server.MockUpstream`, which
     provides ``name``, ``faults``, ``stats``, ``_count`` and ``_fault``."""
@@ -60,15 +77,12 @@ class OpenAIAnswers:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": "stop", "logprobs": None}],
         }
-        choice = body.get("tool_choice")
-        if body.get("tools") and (choice == "required" or isinstance(choice, dict)):
-            # A forced tool choice is answered with a call of that (or the first) tool, as OpenAI does.
-            name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
-            name = name or (body["tools"][0].get("function") or {}).get("name") or "tool"
-            call = {"id": "call_" + uuid.uuid4().hex[:12], "type": "function",
-                    "function": {"name": name, "arguments": orjson.dumps({"query": str(last)[:100]}).decode()}}
+        call = _forced_call(body, last)
+        if call is not None:
             answer["choices"][0].update(message={"role": "assistant", "content": None, "tool_calls": [call]},
                                         finish_reason="tool_calls")
+        if _reasoning(body, last):
+            answer["choices"][0]["message"]["reasoning_content"] = _reasoning(body, last)
         if not self.faults.omit_usage:
             answer["usage"] = self.faults.usage or {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                                "total_tokens": prompt_tokens + len(words)}
@@ -123,6 +137,12 @@ class OpenAIAnswers:
         first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "finish_reason": None}]}
         await resp.write(b"data: " + orjson.dumps(first) + b"\n\n")
+        last = next((m.get("content") for m in reversed(body.get("messages") or []) if isinstance(m, dict)), "")
+        thought = _reasoning(body, last)
+        for part in thought.split(" ") if thought else ():
+            delta = {"reasoning_content": part + " "}
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if f.endless_stream:
             return await self._endless(request, resp, base)
         if f.giant_sse_line_bytes:
@@ -144,7 +164,17 @@ class OpenAIAnswers:
             chunk = {**base, "choices": [{"index": 0, "delta": {"content": (" " if i else "") + piece},
                                           "finish_reason": None}]}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        call = _forced_call(body, last)
+        if call is not None:  # the call's name first, then its arguments in two pieces, as OpenAI streams
+            args = call["function"]["arguments"]
+            for delta in ({"index": 0, "id": call["id"], "type": "function",
+                           "function": {"name": call["function"]["name"], "arguments": ""}},
+                          {"index": 0, "function": {"arguments": args[:len(args) // 2]}},
+                          {"index": 0, "function": {"arguments": args[len(args) // 2:]}}):
+                chunk = {**base, "choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        finish = "stop" if call is None else "tool_calls"
+        done = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
         await resp.write(b"data: " + orjson.dumps(done) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage") and not f.omit_usage:
             usage = {**base, "choices": [], "usage": f.usage or {"prompt_tokens": prompt_tokens,
@@ -166,7 +196,9 @@ class OpenAIAnswers:
         self.stats["last_auth"] = request.headers.get("Authorization")
         try:
             body = orjson.loads(await request.read())
-            chat_body = responses_to_chat(body)
+            # Hosted tools (web_search, code_interpreter, ...) are the provider's own: never called here.
+            chat_body = responses_to_chat({**body, "tools": [t for t in body.get("tools") or []
+                                                             if t.get("type") in ("function", "namespace")]})
         except (orjson.JSONDecodeError, ValueError, TypeError, AttributeError):
             self._count(400)
             return web.json_response({"error": {"message": "bad request", "type": "invalid_request_error",

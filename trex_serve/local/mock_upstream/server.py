@@ -60,7 +60,8 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         self.faults = Faults()
         self.stats: dict[str, Any] = {"requests": 0, "by_status": {}, "last_auth": None, "last_model": None,
                                       "last_body": None, "last_traceparent": None, "by_key": {}, "rpm_refused": {},
-                                      "cookies_received": 0, "last_headers": None, "last_query": None}
+                                      "cookies_received": 0, "last_headers": None, "last_query": None,
+                                      "last_raw": None}
         self._key_log: dict[str, deque[float]] = {}
 
     def app(self) -> web.Application:
@@ -100,7 +101,7 @@ class MockUpstream(OpenAIAnswers, AnthropicAnswers):
         self.faults = Faults()
         self.stats.update(requests=0, by_status={}, last_auth=None, last_model=None, last_body=None,
                           last_traceparent=None, by_key={}, rpm_refused={}, cookies_received=0,
-                          last_headers=None, last_query=None)
+                          last_headers=None, last_query=None, last_raw=None)
         self._key_log = {}
         return web.json_response({"ok": True})
 

@@ -48,10 +48,10 @@ class AnthropicAdapter:
 
     def build(self, api: str, body: dict[str, Any], upstream_model: str, stream: bool,
               api_key: str | None, provider: Provider, *, thinking: str | None = None,
-              client_headers: dict[str, str] | None = None) -> UpstreamCall:
+              client_headers: dict[str, str] | None = None, raw: bytes | None = None) -> UpstreamCall:
         if api in ("messages", "count_tokens"):  # the same format at both ends: the body as sent
             path = "/messages" if api == "messages" else "/messages/count_tokens"
-            return upstream_call(provider, path, passthrough.request_body(body, upstream_model), api_key,
+            return upstream_call(provider, path, passthrough.request_body(body, upstream_model, raw), api_key,
                                  {"Content-Type": "application/json",
                                   **passthrough.request_headers(client_headers)}, self.auth)
         if api != "chat":

@@ -4,9 +4,12 @@ and `thinking.py` are read backwards here, never written twice.
 
 What an OpenAI-format provider cannot take is dropped (docs/CLIENTS.md): `cache_control` (kept on
 text parts only for providers whose catalog entry says `cache_control: true`, without Anthropic's
-`ttl`), `thinking` / `output_config` (many OpenAI-compatible models refuse `reasoning_effort`
-outright), thinking blocks of earlier turns (their signatures mean nothing there), server tools
-(`web_search_*`, ...), `context_management`, `top_k`, `service_tier`."""
+`ttl`), `thinking` / `output_config` unless the catalog candidate says `thinking: effort` (then
+`reasoning_effort`, by thinking.py's tables read backwards: many OpenAI-compatible models refuse
+the field outright), thinking blocks of earlier turns (their signatures mean nothing there), server
+tools (`web_search_*`, ...), `context_management`, `top_k`, `service_tier`. Reasoning in the answer
+(`reasoning_content`, `reasoning`, or an Anthropic front's `thinking_blocks`) comes back as
+thinking blocks."""
 
 from __future__ import annotations
 
@@ -16,10 +19,30 @@ from typing import Any
 import orjson
 
 from trex_serve.providers.anthropic.mapping import FINISH_REASONS
+from trex_serve.providers.anthropic.thinking import ADAPTIVE_EFFORTS, BUDGETS, request_blocks
 from trex_serve.providers.usage import Usage
 
 # finish_reason → stop_reason: the first Anthropic reason of each OpenAI one in mapping's table.
 STOP_REASONS = {openai: anthropic for anthropic, openai in reversed(list(FINISH_REASONS.items()))}
+# Anthropic's adaptive effort → OpenAI's: the last (plainest) OpenAI effort of each in thinking's table.
+EFFORTS_OF_ADAPTIVE = {anthropic: openai for openai, anthropic in ADAPTIVE_EFFORTS.items()}
+
+
+def reasoning_effort(body: dict[str, Any]) -> str | None:
+    """OpenAI's ``reasoning_effort`` for an Anthropic request's ``thinking``: a budget as the largest
+    effort whose budget it reaches, adaptive thinking by its ``output_config.effort`` (Anthropic's
+    default, high, when it names none); None when thinking is off."""
+    spec = body.get("thinking")
+    if not isinstance(spec, dict):
+        return None
+    if spec.get("type") == "enabled":
+        budget = spec.get("budget_tokens") if isinstance(spec.get("budget_tokens"), int) else 0
+        return max((e for e, b in BUDGETS.items() if b <= budget), key=BUDGETS.__getitem__, default="minimal")
+    if spec.get("type") == "adaptive":
+        config = body.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        return EFFORTS_OF_ADAPTIVE.get(effort, "high") if isinstance(effort, str) else "high"
+    return None
 
 
 def _part(block: dict[str, Any], keep_cache: bool) -> dict[str, Any] | None:
@@ -89,8 +112,9 @@ def _tool_choice(choice: Any) -> Any:
     return kind  # auto, none (or None: unset)
 
 
-def messages_to_chat(body: dict[str, Any], keep_cache: bool = False) -> dict[str, Any]:
-    """An OpenAI chat completions body for an Anthropic Messages request (a new dict)."""
+def messages_to_chat(body: dict[str, Any], keep_cache: bool = False, effort: bool = False) -> dict[str, Any]:
+    """An OpenAI chat completions body for an Anthropic Messages request (a new dict). ``effort``:
+    the upstream model takes ``reasoning_effort`` (the catalog candidate's ``thinking: effort``)."""
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
@@ -99,6 +123,12 @@ def messages_to_chat(body: dict[str, Any], keep_cache: bool = False) -> dict[str
         if isinstance(msg, dict):
             messages.extend(_turn(msg, keep_cache))
     chat: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_tokens")}
+    wanted = reasoning_effort(body) if effort else None
+    if wanted is not None:
+        chat["reasoning_effort"] = wanted
+        # OpenAI's reasoning models refuse max_tokens; max_completion_tokens counts the reasoning too,
+        # as Anthropic's max_tokens counts the thinking.
+        chat["max_completion_tokens"] = chat.pop("max_tokens")
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             chat[key] = body[key]
@@ -132,11 +162,22 @@ def _arguments(raw: Any) -> Any:
     return value if isinstance(value, dict) else {"value": value}
 
 
+def _thinking(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Thinking blocks for a chat answer's reasoning: an Anthropic front's signed blocks as they
+    are (thinking.py's request side keeps Anthropic's own fields), else the reasoning text in an
+    unsigned block (another model's reasoning carries no signature)."""
+    blocks = request_blocks(message)
+    if blocks:
+        return blocks
+    text = message.get("reasoning_content") or message.get("reasoning")
+    return [{"type": "thinking", "thinking": text, "signature": ""}] if isinstance(text, str) and text else []
+
+
 def chat_to_message(chat: dict[str, Any], model: Any) -> tuple[dict[str, Any], Usage | None]:
     """An Anthropic message for a whole chat.completion answer, and its usage."""
     choice = (chat.get("choices") or [{}])[0] or {}
     message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = _thinking(message)
     if message.get("content"):
         content.append({"type": "text", "text": str(message["content"])})
     for call in message.get("tool_calls") or []:

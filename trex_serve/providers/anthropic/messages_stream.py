@@ -1,7 +1,10 @@
 """OpenAI chat.completion.chunk SSE → Anthropic Messages stream events, as they arrive (a client
 speaking Anthropic's API served by an openai-format provider): message_start, ping,
-content_block_start / _delta (text_delta, input_json_delta) / _stop, message_delta with the stop
-reason and usage, message_stop. SSE comments (the `: trex-usage` settlement trailer) pass through."""
+content_block_start / _delta (thinking_delta, text_delta, input_json_delta) / _stop, message_delta
+with the stop reason and usage, message_stop. Reasoning comes as `reasoning_content` (vLLM, DeepSeek)
+or `reasoning` (OpenRouter) text deltas, and from an OpenAI-compatible front of Anthropic (this
+gateway's chat route, LiteLLM) also as finished `thinking_blocks`, whose signature becomes the
+block's signature_delta. SSE comments (the `: trex-usage` settlement trailer) pass through."""
 
 from __future__ import annotations
 
@@ -11,12 +14,17 @@ from typing import Any
 import orjson
 
 from trex_serve.providers.anthropic.from_messages import STOP_REASONS
-from trex_serve.providers.sse import EventSplitter, data_of
+from trex_serve.providers.sse import DONE, EventSplitter, chat_event
 from trex_serve.providers.usage import Usage
 
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **data}) + b"\n\n"
+
+
+def error_event(message: str, kind: str = "api_error") -> bytes:
+    """A failure after a Messages stream began, as Anthropic reports one (the SDKs raise on it)."""
+    return _event("error", {"error": {"type": kind, "message": message}})
 
 
 class ChatToMessagesStream:
@@ -26,7 +34,7 @@ class ChatToMessagesStream:
         self._started = False
         self._ended = False
         self._index = -1  # the open content block's index (-1: none)
-        self._open: str | None = None  # "text" | "tool_use"
+        self._open: str | None = None  # "thinking" | "text" | "tool_use"
         self._tools: dict[int, int] = {}  # chat tool_calls index → block index
         self._stop: str | None = None
         self._usage: Usage | None = None
@@ -59,6 +67,12 @@ class ChatToMessagesStream:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                out += self._thinking_text(reasoning)
+            for block in delta.get("thinking_blocks") or []:
+                if isinstance(block, dict):
+                    out += self._thinking_block(block)
             text = delta.get("content")
             if text:
                 if self._open != "text":
@@ -79,6 +93,32 @@ class ChatToMessagesStream:
                 self._stop = STOP_REASONS.get(choice["finish_reason"], "end_turn")
         return out
 
+    def _thinking_text(self, text: str) -> bytes:
+        out = b""
+        if self._open != "thinking":
+            out += self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        return out + _event("content_block_delta", {"index": self._index,
+                                                    "delta": {"type": "thinking_delta", "thinking": text}})
+
+    def _thinking_block(self, block: dict[str, Any]) -> bytes:
+        """A finished Anthropic block: its signature ends the thinking streamed as text so far (or
+        the whole block, when no text came before it); redacted thinking is a block of its own."""
+        if block.get("type") == "redacted_thinking":
+            return (self._open_block("redacted_thinking", {"type": "redacted_thinking",
+                                                           "data": str(block.get("data") or "")})
+                    + self._close_block())
+        if block.get("type") != "thinking":
+            return b""
+        out = b""
+        if self._open != "thinking" and block.get("thinking"):
+            out += self._thinking_text(str(block["thinking"]))
+        elif self._open != "thinking":
+            out += self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if block.get("signature"):
+            out += _event("content_block_delta", {"index": self._index, "delta": {
+                "type": "signature_delta", "signature": str(block["signature"])}})
+        return out + self._close_block()
+
     def _finish_message(self) -> bytes:
         self._ended = True
         out = (b"" if self._started else self._start()) + self._close_block()
@@ -90,24 +130,19 @@ class ChatToMessagesStream:
     def _handle(self, event: bytes) -> bytes:
         if event.startswith(b":"):
             return event + b"\n\n"
-        if self._ended:
-            return b""
-        data = data_of(event)
-        if data is None:
-            return b""
-        if data.strip() == b"[DONE]":
+        obj = None if self._ended else chat_event(event)
+        if obj is DONE:
             return self._finish_message()
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return b""
         if not isinstance(obj, dict):
             return b""
         if isinstance(obj.get("error"), dict):
-            self._ended = True
-            err = obj["error"]
-            return _event("error", {"error": {"type": "api_error", "message": str(err.get("message") or "error")}})
+            return self.error_event(str(obj["error"].get("message") or "error"))
         return self._chunk(obj)
+
+    def error_event(self, message: str, _code: str = "") -> bytes:
+        """The stream's end on a failure (an error event from the provider, or the pool's own)."""
+        self._ended = True
+        return error_event(message)
 
     def feed(self, chunk: bytes) -> bytes:
         return b"".join(self._handle(e) for e in self._split.feed(chunk))

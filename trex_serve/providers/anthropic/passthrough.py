@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 
 from trex_serve.admission.tokens import CHARS_PER_TOKEN
+from trex_serve.providers.anthropic.messages_stream import error_event
+from trex_serve.providers.raw_json import edit_top_level
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
 from trex_serve.providers.usage import Usage
 
@@ -20,8 +22,16 @@ DEFAULT_VERSION = "2023-06-01"
 CLIENT_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
-def request_body(body: dict[str, Any], upstream_model: str) -> bytes:
-    return orjson.dumps({**body, "model": upstream_model})
+def request_body(body: dict[str, Any], upstream_model: str, raw: bytes | None = None) -> bytes:
+    """The client's own bytes with the model rewritten and the gateway's ``trex`` member taken out;
+    the parsed body serialised again only if those bytes cannot be edited (never the case for a body
+    the gateway admitted, which it parsed as one JSON object)."""
+    if raw:
+        try:
+            return edit_top_level(raw, {"model": upstream_model}, drop=("trex",))
+        except ValueError:
+            pass
+    return orjson.dumps({k: v for k, v in body.items() if k != "trex"} | {"model": upstream_model})
 
 
 def request_headers(client_headers: dict[str, str] | None) -> dict[str, str]:
@@ -52,12 +62,14 @@ def token_count(body: bytes) -> tuple[bytes, None]:
 
 
 class AnthropicPassthroughStream:
-    """Relays every byte as read; watches the complete events for usage and delivered text."""
+    """Relays the bytes as read, each whole event as soon as its last byte arrives; watches the
+    events for usage and delivered text."""
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.delivered_chars = 0
         self._split = EventSplitter()
+        self._held = b""  # the start of an event not yet whole
         self._seen: dict[str, Any] = {}
         self._final = False
 
@@ -85,7 +97,18 @@ class AnthropicPassthroughStream:
     def feed(self, chunk: bytes) -> bytes:
         for event in self._split.feed(chunk):
             self._watch(event)
-        return chunk
+        # Relayed up to the end of the last whole event: a stream cut mid-event never leaves half an
+        # event before the error event that follows (the client could not parse either).
+        data = self._held + chunk if self._held else chunk
+        end = max((i + len(sep) for sep in (b"\n\n", b"\r\n\r\n") if (i := data.rfind(sep)) >= 0), default=0)
+        self._held = data[end:]
+        return data[:end]
+
+    def error_event(self, message: str, _code: str = "") -> bytes:
+        """The pool's own failure after the stream began, as Anthropic would send one (the part of
+        an event cut short is dropped)."""
+        self._held = b""
+        return error_event(message)
 
     def finish(self) -> bytes:
         rest = self._split.rest()
@@ -96,4 +119,5 @@ class AnthropicPassthroughStream:
             seen = replace(seen, output_tokens=max(seen.output_tokens, self.delivered_chars // CHARS_PER_TOKEN),
                            estimated=True)
         self.usage = seen
-        return usage_comment(seen)
+        held, self._held = self._held, b""
+        return (held + b"\n\n" if held.strip() else b"") + usage_comment(seen)
