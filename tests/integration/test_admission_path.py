@@ -4,9 +4,11 @@ admission owns, and that nothing is charged for a refused request."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from tests.integration.gateway import OP, account, chat, code, new_key
+from trex_serve.admission.counters import AdmitRequest, SettleRequest
 
 
 async def test_key_states_map_to_their_codes(gw):
@@ -199,6 +201,26 @@ async def test_concurrency_slot_is_released_after_each_request(gw):
     assert (await chat(gw, key["key"])).status_code == 400
     assert (await chat(gw, key["key"])).status_code == 200
     assert await gw.runtime.counters.inflight(key["id"]) == 0
+
+
+async def test_a_slot_freed_a_moment_after_the_refusal_is_taken(gw):
+    """Another replica's settlement, written before its answer left but read by Redis after this
+    admission (another connection), frees the slot within the grace: the request is served."""
+    acc = await account(gw)
+    key = await new_key(gw, acc, limits={"concurrency": 1})
+    counters = gw.runtime.counters
+    held = AdmitRequest("req_other_replica", key["id"], acc["id"], concurrency=1)
+    assert (await counters.admit(held)).ok
+    r = await chat(gw, key["key"])  # nothing frees the slot: refused as before
+    assert (r.status_code, code(r)) == (429, "concurrency_limit_exceeded")
+
+    async def settle_soon() -> None:
+        await asyncio.sleep(0.005)
+        await counters.settle(SettleRequest("req_other_replica", success=False))
+    settling = asyncio.create_task(settle_soon())
+    assert (await chat(gw, key["key"])).status_code == 200
+    await settling
+    assert await counters.inflight(key["id"]) == 0
 
 
 async def test_metrics_count_requests_and_rejections(gw):

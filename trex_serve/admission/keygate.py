@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from trex_serve.admission.client_ip import parse_networks
-from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
+from trex_serve.admission.counters import CONCURRENCY_LIMIT_EXCEEDED, AdmitRequest, CounterStore, SettleRequest
 from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.billing import pricing as billing
@@ -38,6 +38,9 @@ STALE_SERVE_S = 300.0  # how long cached keys keep serving while the database is
 # How long a settled front-assigned request id is remembered: the front proxy replays a request
 # within moments of losing its replica; this only has to outlast that.
 REPLAY_MARK_TTL_S = 600
+# How long a concurrency refusal waits before asking once more (see admit): far longer than Redis
+# takes to read a settlement already written on another connection, short for a refused client.
+SETTLE_GRACE_S = 0.02
 
 
 def _strictest(a: float | int | None, b: float | int | None) -> float | int | None:
@@ -256,6 +259,12 @@ class KeyGate:
             alert_at=alert_at,
         )
         result = await self.counters.admit(req, balance_loader=self._balance)
+        if not result.ok and result.code == CONCURRENCY_LIMIT_EXCEEDED:
+            # The slot may be held by a request whose answer the client already has: its settlement
+            # leaves before the answer, but on another replica's connection, which Redis can read
+            # after this one. A refusal changed nothing in Redis, so asking again once is safe.
+            await asyncio.sleep(SETTLE_GRACE_S)
+            result = await self.counters.admit(req, balance_loader=self._balance)
         for alert in result.alerts:
             self.risk_event({"account_id": ctx.account_id, "key_id": ctx.key_id, "kind": "spend_alert",
                              "detail": {"scope": alert.scope, "period": alert.period,
