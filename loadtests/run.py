@@ -41,7 +41,8 @@ from trex_serve.billing.pricing import charge_micro  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
 from trex_serve.providers.usage import Usage  # noqa: E402
 
-SUITES = ("steady", "routes", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss", "redis_failover")
+SUITES = ("steady", "routes", "fallback", "limits", "billing", "replica_loss", "keys", "node_loss", "redis_failover",
+          "conversations")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -795,6 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node_loss, redis_failover: upstream latency, so requests are in flight when it goes")
     p.add_argument("--redis-fault-pid", type=int, default=0,
                    help="redis_failover: a `python -m trex_serve.local.sentinel_set` process")
+    p.add_argument("--turns", type=int, default=6, help="conversations: turns of each chained conversation")
     p.add_argument("--cut-replication-s", type=float, default=0.0,
                    help="redis_failover: cut replication this long before the primary is killed")
     return p
@@ -814,6 +816,10 @@ def run(argv: list[str] | None = None) -> int:
         from loadtests.redis_failover import suite_class
 
         SUITE_CLASSES["redis_failover"] = suite_class(sys.modules[__name__])
+    if args.suite == "conversations":
+        from loadtests.conversations import suite_class as conversations
+
+        SUITE_CLASSES["conversations"] = conversations(sys.modules[__name__])
     suite = SUITE_CLASSES[args.suite](ctx)
     print(f"suite {args.suite}: {args.users} users, spawn rate {args.spawn_rate}/s, {args.run_time:g} s against "
           f"{args.host} (standard {ctx.standard}: {ctx.primary} -> {ctx.backup}; premium {ctx.premium})", flush=True)

@@ -74,6 +74,12 @@ def test_routes_mix_anthropic_messages_with_openai_chat(gateway):
     run_suite(gateway, "routes", "--plan", "load", "--users", "4", "--spawn-rate", "4", "--run-time", "3s")
 
 
+def test_conversations_chain_responses_and_hit_the_cache(gateway):
+    # the suite fails unless chains of 4 turns were answered, echoed, stored and the cache hit
+    run_suite(gateway, "conversations", "--plan", "load", "--users", "4", "--spawn-rate", "4", "--run-time", "4s",
+              "--turns", "4")
+
+
 def test_limits(gateway):
     run_suite(gateway, "limits", "--plan", "load", "--users", "8", "--spawn-rate", "8", "--run-time", "3s",
               "--rpm", "5", "--rpm-keys", "2", "--conc-keys", "2")
