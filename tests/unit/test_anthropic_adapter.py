@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from trex_serve.catalog import Provider
-from trex_serve.providers import adapter_for
+from trex_serve.providers.registry import adapter_for
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.providers.usage import Usage
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from trex_serve.catalog import CatalogError, Provider, parse_catalog
-from trex_serve.providers import adapter_for
+from trex_serve.providers.registry import adapter_for
 
 CHAT = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
 

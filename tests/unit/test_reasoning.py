@@ -16,7 +16,7 @@ from trex_serve.api.responses import chat_to_response, decode_thinking, response
 from trex_serve.api.responses_stream import ResponsesStream
 from trex_serve.catalog import Provider
 from trex_serve.errors import InvalidRequest
-from trex_serve.providers import adapter_for
+from trex_serve.providers.registry import adapter_for
 
 WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
 PROVIDER = Provider(name="claude", base_url="http://upstream/v1", format="anthropic")

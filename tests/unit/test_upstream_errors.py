@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trex_serve.providers import adapter_for
 from trex_serve.providers.base import ErrorFields
+from trex_serve.providers.registry import adapter_for
 
 TEMPERATURE = (b'{"error": {"message": "Invalid value for \'temperature\': expected a number between 0 and 2.", '
                b'"type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}')

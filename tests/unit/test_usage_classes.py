@@ -11,7 +11,7 @@ import pytest
 
 from trex_serve.api.responses import chat_to_response
 from trex_serve.billing.pricing import ClassPrices, charge_micro
-from trex_serve.providers import adapter_for
+from trex_serve.providers.registry import adapter_for
 from trex_serve.providers.sse import parse_usage_comment, usage_comment
 from trex_serve.providers.usage import Usage
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from trex_serve.catalog import Provider
 from trex_serve.hop import protocol as hop
 from trex_serve.observability import tracing
-from trex_serve.providers import adapter_for
+from trex_serve.providers.registry import adapter_for
 from trex_serve.routing.health import Outcome
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024

@@ -1,5 +1,5 @@
 """Provider adapters: one module per client-API × provider-format pair, behind one interface."""
 
-from trex_serve.providers.base import Adapter, StreamTranslator, Usage, adapter_for
+from trex_serve.providers.base import Adapter, StreamTranslator, Usage
 
-__all__ = ["Adapter", "StreamTranslator", "Usage", "adapter_for"]
+__all__ = ["Adapter", "StreamTranslator", "Usage"]

@@ -3,7 +3,6 @@ so a fallback can translate the same request again. It never mutates the caller'
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -138,26 +137,3 @@ def error_fields(status: int, body: bytes) -> ErrorFields:
     message = err.get("message")
     message = message if isinstance(message, str) and message else code or given_type or fallback
     return ErrorFields(message, given_type or kind, code, _text(err.get("param")))
-
-
-_ADAPTERS: dict[str, Adapter] = {}
-
-
-def register(adapter: Adapter) -> Adapter:
-    _ADAPTERS[adapter.format] = adapter
-    return adapter
-
-
-# Each provider format's adapter module, in one place: imported the first time the format is asked
-# for (the module registers its adapter), whatever else of the package was imported before.
-ADAPTER_MODULES = {"openai": "trex_serve.providers.openai_chat", "anthropic": "trex_serve.providers.anthropic"}
-
-
-def adapter_for(fmt: str) -> Adapter:
-    adapter = _ADAPTERS.get(fmt)
-    if adapter is None and fmt in ADAPTER_MODULES:
-        importlib.import_module(ADAPTER_MODULES[fmt])
-        adapter = _ADAPTERS.get(fmt)
-    if adapter is None:
-        raise ValueError(f"no adapter for provider format {fmt!r}")
-    return adapter

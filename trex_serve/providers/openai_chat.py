@@ -16,7 +16,6 @@ from trex_serve.providers.base import (
     UpstreamCall,
     Usage,
     error_fields,
-    register,
     upstream_call,
 )
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
@@ -149,6 +148,3 @@ class OpenAIChatAdapter:
 
     def translate_error(self, status: int, body: bytes) -> ErrorFields:
         return error_fields(status, body)
-
-
-register(OpenAIChatAdapter())

@@ -4,8 +4,7 @@ The client speaks OpenAI chat; the upstream speaks `POST {base_url}/messages`. `
 request and sets Anthropic's headers, `translate_response` maps a whole answer back (both through
 `mapping.py`), `stream_translator` hands out an `AnthropicStream` (`stream.py`) that maps the typed
 Anthropic SSE events to chat.completion.chunk events as they arrive, and `translate_error` reads
-Anthropic's error envelope and maps its types to OpenAI's (the table is in docs/ADAPTERS.md).
-Importing this package registers the adapter."""
+Anthropic's error envelope and maps its types to OpenAI's (the table is in docs/ADAPTERS.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ from trex_serve.providers.base import (
     Usage,
     default_error_type,
     error_fields,
-    register,
     upstream_call,
 )
 
@@ -100,6 +98,3 @@ class AnthropicAdapter:
             # What OpenAI (and the gateway's own 404) answer for a model that does not exist.
             code, param = "model_not_found", param or "model"
         return ErrorFields(message, mapped, given_code if isinstance(given_code, str) and given_code else code, param)
-
-
-register(AnthropicAdapter())
