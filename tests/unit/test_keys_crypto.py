@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from trex_serve.admission.risk_settings import RiskSettings, ip_allowed, normalize_risk
 from trex_serve.store.crypto import DecryptionError, SecretBox, derive_key, mask
 from trex_serve.store.keys import generate_api_key, generate_owner_token, hash_key, key_prefix, new_id
+from trex_serve.store.risk_settings import RiskSettings, ip_allowed, normalize_risk
 
 
 def test_api_keys_are_random_hashed_and_prefixed():

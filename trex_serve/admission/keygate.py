@@ -15,7 +15,6 @@ from typing import Any
 from trex_serve.admission.client_ip import parse_networks
 from trex_serve.admission.counters import CONCURRENCY_LIMIT_EXCEEDED, AdmitRequest, CounterStore, SettleRequest
 from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
-from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.billing import pricing as billing
 from trex_serve.billing.prices import price_book
 from trex_serve.catalog import Catalog, Plan
@@ -30,6 +29,7 @@ from trex_serve.errors import (
 )
 from trex_serve.routing.resolve import SMART_AUTO, Resolution
 from trex_serve.store.repository import KeyContext, Repository
+from trex_serve.store.risk_settings import RiskSettings
 
 log = logging.getLogger("trex.gate")
 

@@ -12,7 +12,6 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trex_serve.admission.risk_settings import normalize_risk
 from trex_serve.errors import InvalidRequest
 from trex_serve.store.models import (
     MICRO,
@@ -24,6 +23,7 @@ from trex_serve.store.models import (
     RiskEvent,
     utcnow,
 )
+from trex_serve.store.risk_settings import normalize_risk
 
 log = logging.getLogger("trex.store")
 

@@ -24,7 +24,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
-from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
 from trex_serve.billing.pricing import start_of_utc_day
@@ -33,6 +32,7 @@ from trex_serve.catalog import Catalog
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.store.models import RequestLog
 from trex_serve.store.repository import KeyLimits, Repository, as_utc
+from trex_serve.store.risk_settings import RiskSettings
 from trex_serve.web.admin_api import PutBinding, _Body, _dump, _int_query, _json_body, reject_null
 
 log = logging.getLogger("trex.account")

@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import exc as sa_exc
 
-from trex_serve.admission.risk_settings import RiskSettings
 from trex_serve.api.schemas import parse_model
 from trex_serve.billing.balances import apply_live, credit_view
 from trex_serve.billing.pricing import start_of_utc_day
 from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.errors import AuthError, InvalidRequest, NotFound, ServiceUnavailable
 from trex_serve.store.repository import KeyLimits, Repository, credits, to_micro
+from trex_serve.store.risk_settings import RiskSettings
 
 log = logging.getLogger("trex.admin")
 
