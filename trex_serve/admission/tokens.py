@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-CHARS_PER_TOKEN = 4
+from trex_serve.providers.usage import CHARS_PER_TOKEN
+
 PER_MESSAGE_OVERHEAD = 4
 DEFAULT_OUTPUT_TOKENS = 512
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import orjson
 
-from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.catalog import Provider
 from trex_serve.providers.anthropic.from_messages import chat_to_message, messages_to_chat
 from trex_serve.providers.anthropic.messages_stream import ChatToMessagesStream
@@ -19,6 +18,7 @@ from trex_serve.providers.base import (
     upstream_call,
 )
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
+from trex_serve.providers.usage import CHARS_PER_TOKEN
 
 
 def _content_chars(event: bytes) -> int:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# The estimate's ratio wherever a count is missing: admission's estimates before the upstream counts,
+# and an adapter's for a stream cut before the upstream's usage arrived. Here, below both.
+CHARS_PER_TOKEN = 4
+
 # The order of the numbers on the hop (header and stream trailer); 3 numbers is the older form.
 _WIRE = ("input_tokens", "output_tokens", "estimated", "cache_read_tokens", "cache_write_tokens",
          "cache_write_1h_tokens", "reasoning_tokens")

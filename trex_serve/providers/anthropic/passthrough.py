@@ -11,11 +11,10 @@ from typing import Any
 
 import orjson
 
-from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.providers.anthropic.messages_stream import error_event
 from trex_serve.providers.raw_json import edit_top_level
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
-from trex_serve.providers.usage import Usage
+from trex_serve.providers.usage import CHARS_PER_TOKEN, Usage
 
 DEFAULT_VERSION = "2023-06-01"
 # The client's own headers the gateway passes on to an anthropic-format provider, and only these.

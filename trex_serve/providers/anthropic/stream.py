@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 
-from trex_serve.admission.tokens import CHARS_PER_TOKEN
 from trex_serve.providers.anthropic.mapping import finish_reason
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import EventSplitter, data_of, usage_comment
+from trex_serve.providers.usage import CHARS_PER_TOKEN
 
 
 class AnthropicStream:
