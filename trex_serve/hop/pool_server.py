@@ -16,7 +16,6 @@ from trex_serve.catalog import Provider
 from trex_serve.hop import protocol as hop
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
-from trex_serve.routing.health import Outcome
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_STREAM_SECONDS = 900.0
@@ -73,7 +72,7 @@ def _retry_after(headers) -> float | None:
 
 class PoolServer:
     def __init__(self, providers: dict[str, Provider], secret: str,
-                 report: Callable[[Outcome], None] | None = None, max_connections: int = 1024) -> None:
+                 report: Callable[[hop.Outcome], None] | None = None, max_connections: int = 1024) -> None:
         self.providers = providers
         self.secret = secret.encode()
         self.report = report or (lambda _o: None)
@@ -163,7 +162,7 @@ class PoolServer:
         def outcome(ok: bool, status: int, retry_after: float | None = None) -> None:
             if key_id and status in (401, 403, 429):
                 return  # one managed key's trouble: the ingress moves to another key, the provider is fine
-            self.report(Outcome(provider.name, model, ok, (time.monotonic() - started) * 1000,
+            self.report(hop.Outcome(provider.name, model, ok, (time.monotonic() - started) * 1000,
                                 status, retry_after))
 
         try:

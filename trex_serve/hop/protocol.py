@@ -3,6 +3,7 @@ Header names and the request/answer shapes both sides agree on."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,20 @@ class HopResponse:
     @property
     def ok(self) -> bool:
         return self.status == 200 and self.failure is None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One upstream call as a pool replica reports it to the Router (routing/health.py scores them).
+    Defined here, with the hop, so the pool's side needs nothing from routing."""
+
+    provider: str
+    model: str
+    ok: bool
+    latency_ms: float = 0.0
+    status: int = 200
+    retry_after: float | None = None
+    at: float = field(default_factory=time.time)
 
 
 class ReplicaUnreachable(Exception):

@@ -8,18 +8,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from trex_serve.hop.protocol import Outcome
+
 CircuitState = Literal["closed", "open", "half_open"]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    provider: str
-    model: str
-    ok: bool
-    latency_ms: float = 0.0
-    status: int = 200
-    retry_after: float | None = None
-    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
