@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from trex_serve.catalog import Provider
+from trex_serve.hop import pool_tracing
 from trex_serve.hop import protocol as hop
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
@@ -124,7 +125,7 @@ class PoolServer:
             return web.Response(status=403, text="forbidden")
         self.inflight += 1
         try:
-            return await tracing.relayed(self._relay, request, self.providers, request.headers)
+            return await pool_tracing.relayed(self._relay, request, self.providers, request.headers)
         finally:
             self.inflight -= 1
 
