@@ -11,10 +11,10 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import stage_probe
 from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
 from trex_serve.hop.pool_server import PoolServer
-from trex_serve.observability import stage_probe
 from trex_serve.routing.health import Outcome, OutcomeBatch
 
 log = logging.getLogger("trex.pool")

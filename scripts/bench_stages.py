@@ -1,6 +1,6 @@
 """The latency budget of one request at one connection: a gateway started like `trex-serve up`
 (every risk control on the key, logs and metrics on) with the stage timers of
-trex_serve/observability/stage_probe.py switched on, wrk -c1 at each entry point (the front proxy, an
+deployments/stage_probe.py switched on, wrk -c1 at each entry point (the front proxy, an
 ingress replica's data server, Serve's HAProxy, the replica's Serve port, the upstream), then each
 stage's p50 as the replicas saw it.
 

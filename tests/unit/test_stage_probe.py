@@ -2,10 +2,10 @@
 
 from fastapi import FastAPI
 
+from deployments import stage_probe
 from trex_serve.admission.keygate import KeyGate
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
-from trex_serve.observability import stage_probe
 from trex_serve.pipeline import Pipeline
 
 
