@@ -235,7 +235,7 @@ async def test_metrics_count_requests_and_rejections(gw):
 
 
 async def test_ledger_reconciles_and_redis_loss_rebuilds_balances(gw, database_url, redis_url):
-    from trex_serve.billing.reconcile import reconcile
+    from trex_serve.local.billing_reconcile import reconcile
 
     acc = await account(gw, credits=2)
     key = await new_key(gw, acc)

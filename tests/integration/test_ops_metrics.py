@@ -35,7 +35,7 @@ async def test_failed_attempts_counted_by_provider_and_reason(gw):
 
 
 async def test_reconcile_outcome_reaches_metrics(gw, database_url, redis_url):
-    from trex_serve.billing.reconcile import reconcile
+    from trex_serve.local.billing_reconcile import reconcile
 
     prefix = gw.runtime.counters.prefix
     text = (await gw.get("/metrics")).content

@@ -278,7 +278,7 @@ def cmd_redeploy(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from trex_serve.billing.reconcile import run
+    from trex_serve.local.billing_reconcile import run
 
     home = state_dir()
     saved = json.loads((home / "gateway.json").read_text()) if (home / "gateway.json").exists() else {}

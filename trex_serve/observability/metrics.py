@@ -53,7 +53,7 @@ MAX_MERGED = frozenset({"trex_upstream_health_score", "trex_circuit_state", "tre
                         "trex_stream_unacked"})
 REPLICAS_METRIC = "trex_ingress_replicas"
 COUNTER_STORE_UP = "trex_counter_store_up"
-# Written by `trex-serve billing reconcile`, read back on every scrape (trex_serve/billing/reconcile.py).
+# Written by `trex-serve billing reconcile`, read back on every scrape (trex_serve/local/billing_reconcile.py).
 RECONCILE_KEY = "reconcile:last"
 
 

@@ -1,5 +1,5 @@
 """`trex-serve billing reconcile`: the SQL ledger is the record, Redis holds the fast copy of each
-balance. Charges settled in Redis whose ledger rows still wait in the ledger stream (streams.py) are
+balance. Charges settled in Redis whose ledger rows still wait in the ledger stream (billing/streams.py) are
 counted per account in Redis (``unbooked``), so at rest (nothing in flight) ``live == ledger -
 unbooked`` must hold exactly, even while the database is behind; this reports every difference and,
 with --fix, resets Redis from the ledger (minus what is still on its way to it)."""
