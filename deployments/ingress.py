@@ -14,10 +14,9 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import stage_probe
+from deployments import replica_state, stage_probe
 from deployments.logs import route_core_logs
 from deployments.pool_view import PoolView
-from trex_serve import replica_state
 from trex_serve.billing.prices import target_cost
 from trex_serve.hop.relay import HttpRelay
 from trex_serve.pipeline import Pipeline

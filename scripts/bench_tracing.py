@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 from tests.fakes import data_path_client  # noqa: E402
 from tests.helpers import MockProcess, write_catalog  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
-from trex_serve.hop.protocol import HopRequest  # noqa: E402
+from trex_serve.hop.contract import HopRequest  # noqa: E402
 from trex_serve.local.embedded import free_port, port_open  # noqa: E402
 from trex_serve.observability import tracing  # noqa: E402
-from trex_serve.observability.records import RequestRecord  # noqa: E402
+from trex_serve.observability.request_record import RequestRecord  # noqa: E402
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
 

@@ -12,7 +12,7 @@ import timeit
 
 import orjson
 
-from trex_serve.api.messages import check_chat_messages, check_responses_input
+from trex_serve.api.input_checks import check_chat_messages, check_responses_input
 from trex_serve.api.schemas import ChatCompletionRequest, ResponsesRequest, parse_model
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}

@@ -27,12 +27,12 @@ from trex_serve.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.observability import tracing
-from trex_serve.observability.records import RequestRecord
+from trex_serve.observability.request_record import RequestRecord
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
-from trex_serve.routing.keyed_caller import KEYS_EXHAUSTED
+from trex_serve.routing.managed_key_caller import KEYS_EXHAUSTED
 from trex_serve.routing.resolve import Target
 
 JSON = "application/json"

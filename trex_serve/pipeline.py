@@ -23,7 +23,7 @@ from trex_serve.api.anthropic_messages import (
     check_messages_request,
     estimate_prompt,
 )
-from trex_serve.api.messages import check_chat_request, check_responses_request
+from trex_serve.api.input_checks import check_chat_request, check_responses_request
 from trex_serve.api.responses import ResponsesInputError, responses_to_chat
 from trex_serve.api.schemas import ChatCompletionRequest, ModelCard, ModelList, ResponsesRequest, parse_model
 from trex_serve.cache.redis_cache import ResponseCache
@@ -35,10 +35,10 @@ from trex_serve.errors import (
     PaymentRequired,
     TrexError,
 )
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.observability import tracing
-from trex_serve.observability.records import RequestRecord
-from trex_serve.routing.keyed_caller import KEYS_EXHAUSTED
+from trex_serve.observability.request_record import RequestRecord
+from trex_serve.routing.managed_key_caller import KEYS_EXHAUSTED
 from trex_serve.routing.resolve import SMART_AUTO, Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
 from trex_serve.stateful import Stateful

@@ -16,18 +16,18 @@ from trex_serve.admission.counters import CounterStore
 from trex_serve.admission.keygate import KeyGate
 from trex_serve.billing import pricing as billing
 from trex_serve.billing.balances import booked_totals
+from trex_serve.billing.durable_streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.billing.prices import price_book
-from trex_serve.billing.streams import DurableChannel, StreamDrainer, appender, consumer_name
 from trex_serve.billing.writer import BatchWriter
 from trex_serve.cache.redis_cache import ResponseCache
 from trex_serve.catalog import Catalog, load_catalog
 from trex_serve.conversations.service import StoredResponses
 from trex_serve.conversations.store import ResponseStore
-from trex_serve.hop.protocol import ProviderCaller
+from trex_serve.hop.contract import ProviderCaller
 from trex_serve.observability import tracing
 from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange, metrics_response
-from trex_serve.observability.records import RequestRecord
-from trex_serve.routing.keyed_caller import KeyedCaller, KeyMetrics
+from trex_serve.observability.request_record import RequestRecord
+from trex_serve.routing.managed_key_caller import KeyedCaller, KeyMetrics
 from trex_serve.routing.upstream_keys import KeyStore
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine, migrate
@@ -44,7 +44,7 @@ class Runtime:
         self.repo = repo
         self.counters = counters
         # Every record becomes durable in a Redis stream and is drained into SQL by every replica
-        # (streams.py); the ledger's rows are appended by the settlement script itself.
+        # (billing/durable_streams.py); the ledger's rows are appended by the settlement script itself.
         self.consumer = consumer_name()
         self.ledger = self._channel("ledger", repo.append_ledger, with_writer=False)
         self.logs = self._channel("logs", repo.insert_logs)

@@ -28,7 +28,7 @@ from trex_serve.conversations import items
 from trex_serve.conversations.capture import StreamWatch, whole_response
 from trex_serve.conversations.service import PreviousResponseNotFound, StoredResponses
 from trex_serve.errors import InvalidRequest
-from trex_serve.observability.records import RequestRecord
+from trex_serve.observability.request_record import RequestRecord
 from trex_serve.providers.usage import Usage
 from trex_serve.routing.resolve import Resolution
 

@@ -27,8 +27,8 @@ from trex_serve.api.anthropic_messages import (
 from trex_serve.api.schemas import parse_model
 from trex_serve.catalog import Catalog
 from trex_serve.errors import InvalidRequest, TrexError
-from trex_serve.hop import protocol as hop
-from trex_serve.observability.records import RequestRecord
+from trex_serve.hop import contract as hop
+from trex_serve.observability.request_record import RequestRecord
 from trex_serve.routing.resolve import Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
 

@@ -20,7 +20,7 @@ from tests.integration.gateway import OP, account, chat, new_key
 from trex_serve.admission.counter_records import AdmitRequest, SettleRequest
 from trex_serve.admission.counters import CounterStore
 from trex_serve.billing.balances import booked_totals, credit_view
-from trex_serve.billing.streams import GROUP, StreamDrainer, appender, json_row, ledger_row, stream_key
+from trex_serve.billing.durable_streams import GROUP, StreamDrainer, appender, json_row, ledger_row, stream_key
 from trex_serve.billing.writer import BatchWriter
 from trex_serve.local.billing_reconcile import reconcile
 from trex_serve.store.database import create_engine, migrate

@@ -11,7 +11,7 @@ import pytest
 from deployments.pool_view import PoolView, running_endpoints
 from tests.helpers import write_catalog
 from trex_serve.catalog import load_catalog
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
 from trex_serve.local.embedded import free_port

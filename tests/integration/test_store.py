@@ -373,7 +373,7 @@ def test_sync_plans_mirrors_catalog(repo):
 
 
 def test_insert_logs_accepts_request_records(repo):
-    from trex_serve.observability.records import RequestRecord
+    from trex_serve.observability.request_record import RequestRecord
 
     a = repo.create_account("A", "free")["id"]
     rec = RequestRecord(

@@ -295,7 +295,7 @@ def test_translate_error_reads_anthropic_envelope(adapter, status, body, expecte
 
 
 def test_529_overloaded_is_retryable():
-    from trex_serve.hop import protocol as hop
+    from trex_serve.hop import contract as hop
     assert 529 in hop.RETRYABLE_STATUS
 
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.hop.lean_client import LeanClient
 from trex_serve.hop.relay import HttpRelay
 

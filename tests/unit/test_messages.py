@@ -1,10 +1,10 @@
-"""Role-by-role validation of chat messages and Responses input items (trex_serve.api.messages)."""
+"""Role-by-role validation of chat messages and Responses input items (trex_serve.api.input_checks)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trex_serve.api.messages import check_chat_messages, check_responses_input
+from trex_serve.api.input_checks import check_chat_messages, check_responses_input
 from trex_serve.errors import InvalidRequest
 
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

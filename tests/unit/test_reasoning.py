@@ -11,7 +11,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from trex_serve.api.messages import check_chat_request, check_responses_request
+from trex_serve.api.input_checks import check_chat_request, check_responses_request
 from trex_serve.api.responses import chat_to_response, decode_thinking, responses_to_chat
 from trex_serve.api.responses_stream import ResponsesStream
 from trex_serve.catalog import Provider

@@ -167,7 +167,7 @@ class CounterStore(ScriptCaller):
 
     async def settle(self, req: SettleRequest, sent: asyncio.Future | None = None) -> SettleResult:
         """Release the lease and settle quota or credits in one round trip; idempotent. A charge's
-        ledger row goes into the ledger stream in the same step (``streams.py`` drains it to SQL).
+        ledger row goes into the ledger stream in the same step (``billing/durable_streams.py`` drains it to SQL).
         ``sent`` resolves once the call is written to Redis: from then on Redis applies it before
         any call this process (or a client it answers) makes afterwards."""
         vw = int(req.velocity_window_s or 0)

@@ -52,7 +52,7 @@ class TrexExtension(BaseModel):
 
 class ChatCompletionRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
-    # Each message is checked role by role in trex_serve.api.messages (plain dicts, no model per message).
+    # Each message is checked role by role in trex_serve.api.input_checks (plain dicts, no model per message).
     messages: list[Any] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None

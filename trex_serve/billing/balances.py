@@ -1,6 +1,6 @@
 """The credit figures an account reads (operator API, account API, dashboard): read your writes.
 
-The SQL ledger lags the live balance in Redis by the ledger stream (streams.py) and in-flight
+The SQL ledger lags the live balance in Redis by the ledger stream (durable_streams.py) and in-flight
 reservations are taken from the live balance at admission. So the balance shown is the live Redis
 balance when Redis has one (every answered request is in it the moment it was answered), and the
 ledger's when it has not (Redis down or the balance not loaded yet). ``charged`` includes the charges

@@ -1,6 +1,6 @@
 """A bounded, batched, asynchronous writer that keeps writes off the hot path. Rows wait in the
 buffer while the target is slow or down and are retried; what overflows is counted, never silently
-lost. The gateway uses it to hand request-log rows and risk events to a Redis stream (streams.py),
+lost. The gateway uses it to hand request-log rows and risk events to a Redis stream (durable_streams.py),
 which is where they become durable; the ledger never passes through it."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def stored_input(given: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for raw in given:
         if not isinstance(raw, dict):
-            continue  # validation (api/messages.py) refused these already
+            continue  # validation (api/input_checks.py) refused these already
         kind = _kind(raw)
         item = _message(raw) if kind == "message" else dict(raw)
         if not isinstance(item.get("id"), str) or not item["id"]:

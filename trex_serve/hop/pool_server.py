@@ -13,8 +13,8 @@ import orjson
 from aiohttp import web
 
 from trex_serve.catalog import Provider
+from trex_serve.hop import contract as hop
 from trex_serve.hop import pool_tracing
-from trex_serve.hop import protocol as hop
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
 

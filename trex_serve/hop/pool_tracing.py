@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.observability import tracing
 from trex_serve.providers.usage import Usage
 

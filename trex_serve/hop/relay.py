@@ -11,7 +11,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.hop.lean_client import AnswerCut, LeanClient
 
 # A provider key travels as an HTTP header value: printable ASCII only (no CR/LF/NUL, no

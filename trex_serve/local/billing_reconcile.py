@@ -1,8 +1,9 @@
 """`trex-serve billing reconcile`: the SQL ledger is the record, Redis holds the fast copy of each
-balance. Charges settled in Redis whose ledger rows still wait in the ledger stream (billing/streams.py) are
-counted per account in Redis (``unbooked``), so at rest (nothing in flight) ``live == ledger -
-unbooked`` must hold exactly, even while the database is behind; this reports every difference and,
-with --fix, resets Redis from the ledger (minus what is still on its way to it)."""
+balance. Charges settled in Redis whose ledger rows still wait in the ledger stream
+(billing/durable_streams.py) are counted per account in Redis (``unbooked``), so at rest (nothing
+in flight) ``live == ledger - unbooked`` must hold exactly, even while the database is behind; this
+reports every difference and, with --fix, resets Redis from the ledger (minus what is still on its
+way to it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from typing import Any
 
 from trex_serve.admission.counters import CounterStore
-from trex_serve.billing.streams import stream_key
+from trex_serve.billing.durable_streams import stream_key
 from trex_serve.observability.metrics import RECONCILE_KEY
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine

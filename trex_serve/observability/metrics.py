@@ -1,8 +1,9 @@
 """Prometheus metrics for the gateway, aggregated over every ingress replica.
 
 Each ingress replica owns a :class:`GatewayMetrics` with its *own* ``CollectorRegistry`` (never the
-global one): counters and histograms are fed one :class:`~trex_serve.observability.records.RequestRecord` at a time
-by :meth:`GatewayMetrics.observe` (a ``Runtime.observers`` callback), gauges are set by
+global one): counters and histograms are fed one
+:class:`~trex_serve.observability.request_record.RequestRecord` at a time by
+:meth:`GatewayMetrics.observe` (a ``Runtime.observers`` callback), gauges are set by
 :meth:`GatewayMetrics.refresh` from the routing table, the log writers and the key gate.
 
 Serve runs several ingress replicas and ``/metrics`` on any one of them must cover all of them, so a
@@ -40,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from trex_serve.observability.records import RequestRecord
+from trex_serve.observability.request_record import RequestRecord
 
 log = logging.getLogger(__name__)
 

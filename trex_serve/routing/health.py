@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trex_serve.hop.protocol import Outcome
+from trex_serve.hop.contract import Outcome
 
 CircuitState = Literal["closed", "open", "half_open"]
 

@@ -21,7 +21,7 @@ from trex_serve.api.stored_responses import is_stored_path, stored_response
 from trex_serve.errors import TrexError
 from trex_serve.pipeline import Pipeline
 from trex_serve.web.front_id import AUTH_HEADER, front_secret, trusted_request_id
-from trex_serve.web.wire import (
+from trex_serve.web.headers_and_refusals import (
     MESSAGES_PATHS,
     anthropic_auth,
     anthropic_client_headers,

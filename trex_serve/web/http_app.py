@@ -23,7 +23,7 @@ from trex_serve.pipeline import Pipeline
 from trex_serve.settings import Settings
 from trex_serve.web import openapi
 from trex_serve.web.front_id import front_secret, trusted_request_id
-from trex_serve.web.wire import (
+from trex_serve.web.headers_and_refusals import (
     anthropic_auth,
     anthropic_client_headers,
     anthropic_refusal,

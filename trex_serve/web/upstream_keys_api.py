@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from trex_serve.errors import NotFound
-from trex_serve.routing.keyed_caller import KeyedCaller
+from trex_serve.routing.managed_key_caller import KeyedCaller
 from trex_serve.web.admin_api import operator_guard
 
 Audit = Callable[[str, str, dict[str, Any]], Awaitable[None]]  # action, target id, detail

@@ -8,7 +8,7 @@
 -- kept on the ledger row beside the charge. A key the charge takes over its velocity limit is
 -- marked ({P}velstop:{key}) so that admit.lua refuses it before its suspension reaches SQL.
 -- A charge is appended to the ledger stream ({P}stream:ledger) in this same atomic step, and counted
--- in {P}unbooked:{account} until a drainer has committed it to SQL (streams.py): a charge settled
+-- in {P}unbooked:{account} until a drainer has committed it to SQL (billing/durable_streams.py): a charge settled
 -- here reaches the SQL ledger even if this replica dies the next moment.
 -- Returns {settled, billing, charged, refunded, balance_after(-1 = n/a), velocity_exceeded,
 --          velocity_micro}

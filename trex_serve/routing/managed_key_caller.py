@@ -17,7 +17,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from trex_serve.catalog import Catalog, Provider, UpstreamKey
-from trex_serve.hop import protocol as hop
+from trex_serve.hop import contract as hop
 from trex_serve.providers.base import Usage
 from trex_serve.providers.sse import parse_usage_comment
 from trex_serve.routing.upstream_keys import KeyState, KeyStore, rendezvous_order
