@@ -19,7 +19,7 @@ from deployments.logs import route_core_logs
 from deployments.pool_view import PoolView
 from trex_serve.billing.prices import target_cost
 from trex_serve.hop.relay import HttpRelay
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
 from trex_serve.routing.health import HealthPolicy
 from trex_serve.routing.resolve import Planner
 from trex_serve.runtime import Runtime

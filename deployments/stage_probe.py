@@ -60,7 +60,7 @@ def install_ingress() -> None:
     from trex_serve.admission.counters import CounterStore
     from trex_serve.admission.keygate import KeyGate
     from trex_serve.hop.relay import HttpRelay
-    from trex_serve.pipeline import Pipeline
+    from trex_serve.pipeline.request_path import Pipeline
     from trex_serve.runtime import Runtime
     from trex_serve.web.data_server import DataServer
 

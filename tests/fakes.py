@@ -12,7 +12,7 @@ import httpx
 from trex_serve.admission.gate import AdmitAsk, Principal, Settlement, Ticket
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
 from trex_serve.routing.health import HealthPolicy, HealthTracker
 from trex_serve.routing.resolve import Planner, Resolution, RoutingTable
 from trex_serve.settings import Settings

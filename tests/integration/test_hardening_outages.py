@@ -26,7 +26,7 @@ from trex_serve.catalog import load_catalog
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
 from trex_serve.local.embedded import free_port, port_open, start_redis
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
 from trex_serve.routing.resolve import Planner
 from trex_serve.runtime import Runtime
 from trex_serve.settings import Settings

@@ -197,7 +197,7 @@ async def test_with_one_replica_durable_admissions_wait_for_a_replica_after_the_
 
 
 async def test_a_durable_settlement_is_sent_only_once_replicas_hold_it(sentinels):
-    """``sent`` releases the answer (answers.py): while no replica can acknowledge, it waits; the
+    """``sent`` releases the answer (pipeline/settle_and_answer.py): while no replica can acknowledge, it waits; the
     settlement is sent again on the promoted replica and the charge lands there once."""
     prefix = f"s{uuid.uuid4().hex[:8]}:"
     store = CounterStore.from_url(sentinels.url(), prefix, durability=Durability(1, timeout_ms=100))

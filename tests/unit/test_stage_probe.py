@@ -6,7 +6,7 @@ from deployments import stage_probe
 from trex_serve.admission.keygate import KeyGate
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.hop.relay import HttpRelay
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
 
 
 def test_off_by_default(monkeypatch):

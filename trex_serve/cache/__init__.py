@@ -2,7 +2,7 @@
 
 ``keys.py`` says what a request's entry is named by and how long it lives, ``redis_cache.py`` keeps
 the entries (bounded in size and memory, never failing a request), ``replay.py`` turns an entry
-back into an answer. The pipeline's steps that use them are in ``trex_serve/stateful.py``."""
+back into an answer. The pipeline's steps that use them are in ``trex_serve/pipeline/stateful.py``."""
 
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from trex_serve.admission.client_ip import client_address
-from trex_serve.answers import Answer
-from trex_serve.api.stored_responses import is_stored_path, stored_response
 from trex_serve.errors import TrexError
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
+from trex_serve.pipeline.settle_and_answer import Answer
+from trex_serve.pipeline.stored_responses import is_stored_path, stored_response
 from trex_serve.web.front_id import AUTH_HEADER, front_secret, trusted_request_id
 from trex_serve.web.headers_and_refusals import (
     MESSAGES_PATHS,

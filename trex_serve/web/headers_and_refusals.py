@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from trex_serve.answers import Answer
 from trex_serve.api.anthropic_messages import anthropic_error_body
 from trex_serve.errors import InvalidRequest, RequestTooLarge, ServiceUnavailable, TrexError
 from trex_serve.hop.relay import MAX_UPSTREAM_KEY_CHARS, valid_upstream_key
-from trex_serve.pipeline import new_request_id
+from trex_serve.pipeline.request_path import new_request_id
+from trex_serve.pipeline.settle_and_answer import Answer
 
 log = logging.getLogger("trex.http")
 

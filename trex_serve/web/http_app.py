@@ -16,10 +16,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trex_serve.admission.client_ip import client_address
-from trex_serve.answers import Answer
-from trex_serve.api.stored_responses import stored_response
 from trex_serve.errors import InvalidRequest, TrexError
-from trex_serve.pipeline import Pipeline
+from trex_serve.pipeline.request_path import Pipeline
+from trex_serve.pipeline.settle_and_answer import Answer
+from trex_serve.pipeline.stored_responses import stored_response
 from trex_serve.settings import Settings
 from trex_serve.web import openapi
 from trex_serve.web.front_id import front_secret, trusted_request_id
@@ -59,7 +59,7 @@ def render(answer: Answer) -> Response:
 
 
 async def _finish(settling: asyncio.Task) -> None:
-    with contextlib.suppress(Exception):  # logged where it failed (answers.py)
+    with contextlib.suppress(Exception):  # logged where it failed (pipeline/settle_and_answer.py)
         await settling
 
 
@@ -211,7 +211,7 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
         return Response(status_code=200)  # Claude Code's reachability check before its first request
 
     async def stored(request: Request) -> Response:
-        """Stored responses: retrieve, delete, input items (api/stored_responses.py)."""
+        """Stored responses: retrieve, delete, input items (pipeline/stored_responses.py)."""
         pipeline = await pipeline_ref()
         return render(await stored_response(pipeline, request.method, request.scope["path"], request.query_params,
                                             request.headers.get("authorization"), ip(request, pipeline.settings)))

@@ -1,5 +1,5 @@
-"""`POST /v1/messages/count_tokens`, a step of `Pipeline` (a mixin, like `answers.py`): the count of
-the model's anthropic-format provider when the first route has one, else the gateway's own estimate
+"""`POST /v1/messages/count_tokens`, a step of `Pipeline` (a mixin, like `settle_and_answer.py`):
+the count of the model's anthropic-format provider when the first route has one, else the gateway's own estimate
 (messages, system, tools; an estimate, not the provider's tokenizer).
 
 It is counted as a request — the key's RPM, concurrency and daily-quota checks (admission, with
@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from trex_serve.admission.gate import AdmitAsk, Gate
-from trex_serve.answers import Answer, Call
 from trex_serve.api.anthropic_messages import (
     CountTokensRequest,
     anthropic_error_body,
@@ -29,6 +28,7 @@ from trex_serve.catalog import Catalog
 from trex_serve.errors import InvalidRequest, TrexError
 from trex_serve.hop import contract as hop
 from trex_serve.observability.request_record import RequestRecord
+from trex_serve.pipeline.settle_and_answer import Answer, Call
 from trex_serve.routing.resolve import Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
 
@@ -48,7 +48,7 @@ class TokenCount:
     async def count_tokens(self, raw: bytes, authorization: str | None, client_ip: str,
                            client_headers: dict[str, str] | None = None,
                            request_id: str | None = None) -> Answer:
-        from trex_serve.pipeline import new_request_id
+        from trex_serve.pipeline.request_path import new_request_id
 
         call = Call(request_id or new_request_id(), "count_tokens", client_ip)
         try:
@@ -106,7 +106,7 @@ class TokenCount:
         call.served = target
         return Answer(200, call.headers(), resp.body)
 
-    if TYPE_CHECKING:  # provided by `Answers` (answers.py), the other mixin of `Pipeline`
+    if TYPE_CHECKING:  # provided by `Answers` (settle_and_answer.py), the other mixin of `Pipeline`
         async def _settle_failure(self, call: Call) -> None: ...
 
         def _error(self, call: Call, exc: TrexError) -> Answer: ...

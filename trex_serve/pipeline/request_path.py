@@ -1,7 +1,7 @@
 """The request path, top to bottom: parse → authenticate → resolve → admit → bind → attempts with
 fallback → relay the answer → settle → record. Collaborators arrive as arguments; no Ray here.
 The steps after the attempts (the answer, settlement and the request record) are the `Answers`
-mixin of `answers.py`, with the `Call` state and the `Answer` this returns."""
+mixin of `settle_and_answer.py`, with the `Call` state and the `Answer` this returns."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import orjson
 
 from trex_serve.admission.gate import AdmitAsk, Gate, Principal, Ticket
 from trex_serve.admission.tokens import estimate_messages, estimate_text
-from trex_serve.answers import Answer, Answers, Call
 from trex_serve.api.anthropic_messages import (
     MessagesRequest,
     anthropic_error_body,
@@ -38,11 +37,12 @@ from trex_serve.errors import (
 from trex_serve.hop import contract as hop
 from trex_serve.observability import tracing
 from trex_serve.observability.request_record import RequestRecord
+from trex_serve.pipeline.settle_and_answer import Answer, Answers, Call
+from trex_serve.pipeline.stateful import Stateful
+from trex_serve.pipeline.token_count import TokenCount
 from trex_serve.routing.managed_key_caller import KEYS_EXHAUSTED
 from trex_serve.routing.resolve import SMART_AUTO, Planner, Resolution, Target, resolve
 from trex_serve.settings import Settings
-from trex_serve.stateful import Stateful
-from trex_serve.token_count import TokenCount
 
 Route = tuple[Target, str | None]  # a target and the provider key to call it with
 log = logging.getLogger("trex.pipeline")

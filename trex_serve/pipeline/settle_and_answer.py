@@ -4,7 +4,7 @@
 the attempt that ended the loop into the client's answer — a whole body (translated back to the
 Responses API when it was served over chat), a relayed SSE stream, or an OpenAI-style error after
 a non-retryable upstream answer or when every attempt failed — and settles and records every
-request exactly once, a stream when it ends or the client goes away. `pipeline.py` reads top to
+request exactly once, a stream when it ends or the client goes away. `request_path.py` reads top to
 bottom up to the attempts and calls in here."""
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 import orjson
 
-from trex_serve.answers import Answer, Call
 from trex_serve.errors import NotFound, TrexError
-from trex_serve.pipeline import Pipeline, new_request_id
+from trex_serve.pipeline.request_path import Pipeline, new_request_id
+from trex_serve.pipeline.settle_and_answer import Answer, Call
 
 PREFIX = "/v1/responses/"
 API = "stored_responses"  # the log row's and the metrics' name for these routes

@@ -19,7 +19,6 @@ import orjson
 
 from trex_serve.admission.gate import AdmitAsk, Gate
 from trex_serve.admission.tokens import estimate_messages, estimate_text
-from trex_serve.answers import Answer, Call
 from trex_serve.api.responses import ResponsesInputError, responses_to_chat
 from trex_serve.cache import replay
 from trex_serve.cache.keys import entry_digest, ttl_for
@@ -29,6 +28,7 @@ from trex_serve.conversations.capture import StreamWatch, whole_response
 from trex_serve.conversations.service import PreviousResponseNotFound, StoredResponses
 from trex_serve.errors import InvalidRequest
 from trex_serve.observability.request_record import RequestRecord
+from trex_serve.pipeline.settle_and_answer import Answer, Call
 from trex_serve.providers.usage import Usage
 from trex_serve.routing.resolve import Resolution
 
