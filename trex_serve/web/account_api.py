@@ -31,23 +31,13 @@ from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.catalog import Catalog
 from trex_serve.errors import AuthError, Conflict, InvalidRequest, NotFound
 from trex_serve.store.models import RequestLog
-from trex_serve.store.repository import KeyLimits, Repository, as_utc
-from trex_serve.store.risk_settings import RiskSettings
-from trex_serve.web.admin_api import PutBinding, _Body, _dump, _int_query, _json_body, reject_null
+from trex_serve.store.repository import Repository, as_utc
+from trex_serve.web.admin_api import CreateKey, PutBinding, _Body, _dump, _int_query, _json_body, reject_null
 
 log = logging.getLogger("trex.account")
 
 MAX_TRAFFIC_MINUTES = 24 * 60
 MAX_TRAFFIC_ROWS = 200_000
-
-
-class CreateKey(_Body):
-    name: str | None = Field(default=None, max_length=200)
-    limits: KeyLimits | None = None
-    models: list[str] | None = None
-    expires_at: datetime | None = None
-    risk: RiskSettings | None = None
-    cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)
 
 
 class PatchKey(_Body):

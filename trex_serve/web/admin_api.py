@@ -69,13 +69,19 @@ class PatchAccount(_Body):
 
 
 class CreateKey(_Body):
+    """A new key as its account's owner may ask for it (account_api.py); the operator's adds the
+    billing policy (OperatorCreateKey)."""
+
     name: str | None = Field(default=None, max_length=200)
     limits: KeyLimits | None = None
     models: list[str] | None = None
     expires_at: datetime | None = None
     risk: RiskSettings | None = None
-    billing_policy: Literal["reject", "downgrade"] = "reject"
     cache_ttl_s: int | None = Field(default=None, ge=0, le=MAX_CACHE_TTL_S)  # response cache default; 0 = off
+
+
+class OperatorCreateKey(CreateKey):
+    billing_policy: Literal["reject", "downgrade"] = "reject"
 
 
 class PatchKey(_Body):
@@ -247,7 +253,7 @@ def build_admin_router(
 
     @router.post("/accounts/{account_id}/keys", status_code=201)
     async def create_key(account_id: str, request: Request) -> JSONResponse:
-        body = parse_model(CreateKey, await _json_body(request))
+        body = parse_model(OperatorCreateKey, await _json_body(request))
         fields = _dump(body)
         key, plaintext = await call(repo.create_key, account_id, **fields)
         await changed("key", key["id"])
