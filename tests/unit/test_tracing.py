@@ -137,6 +137,7 @@ async def test_rejection_and_upstream_failure_mark_the_spans(gateway, mocks, exp
     assert failed.status.status_code == StatusCode.ERROR and failed.attributes["trex.attempts"] == 2
     attempts = [s for s in spans if s.kind == SpanKind.CLIENT]
     assert len(attempts) == 2 and all(s.attributes["error.type"] == "http_500" for s in attempts)
+    assert all(s.name.startswith("responses ") for s in attempts)  # named after the client's API, not chat
     assert_nothing_secret(spans)
 
 

@@ -12,6 +12,7 @@ One request, one trace (ingress process, then pool process)::
     POST /v1/chat/completions   SERVER  gen_ai.*, trex.request_id, trex.billing, trex.attempts
       trex.admission            INTERNAL
       chat <upstream model>     CLIENT  one per attempt: provider, model, status, retry reason
+                                        (``responses <model>``, ``messages <model>`` on those routes)
         trex.pool <provider>    SERVER  in the pool replica; its context goes on to the provider
       trex.settlement           INTERNAL
 
@@ -160,7 +161,9 @@ def attempt_begin(call: Any, provider: str, model: str, req: Any) -> None:
                              "trex.attempt": len(call.attempts) + 1, "trex.request_id": call.request_id}
     if trace.last_failure:
         attrs["trex.retry_reason"] = trace.last_failure
-    trace.attempt = _tracer.start_span(f"chat {model}", context=trace.context,  # type: ignore[union-attr]
+    # Named after the client's API (``chat``, ``responses``, ``messages``), so a Responses request's
+    # attempts are told apart from a chat request's in a trace view.
+    trace.attempt = _tracer.start_span(f"{call.api} {model}", context=trace.context,  # type: ignore[union-attr]
                                        kind=SpanKind.CLIENT, attributes=attrs)
     carrier: dict[str, str] = {}
     _propagator.inject(carrier, context=set_span_in_context(trace.attempt))
