@@ -141,6 +141,18 @@ async def test_rejection_and_upstream_failure_mark_the_spans(gateway, mocks, exp
     assert_nothing_secret(spans)
 
 
+async def test_model_list_is_traced(gateway, exporter):
+    r = await gateway.get("/v1/models", headers={"traceparent": TRACEPARENT})
+    assert r.status_code == 200
+    [span] = by_name(exporter.get_finished_spans())["GET /v1/models"]
+    assert span.kind == SpanKind.SERVER and span.parent.span_id == int(CLIENT_SPAN, 16)
+    assert span.attributes["http.response.status_code"] == 200
+    r = await gateway.get("/v1/models/no-such-model")
+    assert r.status_code == 404
+    [missing] = by_name(exporter.get_finished_spans())["GET /v1/models/{model}"]
+    assert missing.attributes["error.type"] == "404"
+
+
 def test_environment_decides(monkeypatch):
     assert not tracing.wanted({})
     assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})

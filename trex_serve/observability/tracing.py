@@ -16,6 +16,8 @@ One request, one trace (ingress process, then pool process)::
         trex.pool <provider>    SERVER  in the pool replica; its context goes on to the provider
       trex.settlement           INTERNAL
 
+``GET /v1/models[/id]`` is one SERVER span of its own (no attempt, no record).
+
 Spans leave through a ``BatchSpanProcessor`` (a background thread), never on the request path.
 No prompt or completion text, no keys: attributes are ids, names, counts and codes only.
 """
@@ -112,6 +114,33 @@ def begin(call: Any, carrier: Mapping[str, str] | None) -> None:
         "client.address": call.client_ip, "gen_ai.operation.name": "chat",
         "trex.request_id": call.request_id, "trex.api": call.api})
     call.trace = RequestTrace(span)
+
+
+@contextlib.contextmanager
+def listing(call: Any, route: str, carrier: Mapping[str, str] | None) -> Any:
+    """The server span of a read that leaves no request record (``GET /v1/models``): opened and
+    closed here; the caller sets the status through :func:`answered`."""
+    if _tracer is None:
+        yield None
+        return
+    parent = _propagator.extract(carrier) if carrier else None
+    span = _tracer.start_span(f"GET {route}", context=parent, kind=SpanKind.SERVER, attributes={
+        "http.request.method": "GET", "http.route": route, "client.address": call.client_ip,
+        "trex.request_id": call.request_id, "trex.api": call.api})
+    try:
+        yield span
+    finally:
+        span.end()
+
+
+def answered(span: Any, status: int) -> None:
+    if span is None or not span.is_recording():
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_attribute("error.type", str(status))  # HTTP semantic conventions: the status itself
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, str(status)))
 
 
 class _Step:

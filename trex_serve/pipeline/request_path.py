@@ -76,8 +76,16 @@ class Pipeline(Answers, Stateful, TokenCount):
 
     # ---- entry points -------------------------------------------------------------------------
 
-    async def models(self, authorization: str | None, client_ip: str, model_id: str | None = None) -> Answer:
+    async def models(self, authorization: str | None, client_ip: str, model_id: str | None = None,
+                     trace_carrier: Mapping[str, str] | None = None) -> Answer:
         call = Call(new_request_id(), "models", client_ip)
+        route = "/v1/models" if model_id is None else "/v1/models/{model}"
+        with tracing.listing(call, route, trace_carrier) as span:
+            answer = await self._models(call, authorization, client_ip, model_id)
+            tracing.answered(span, answer.status)
+        return answer
+
+    async def _models(self, call: Call, authorization: str | None, client_ip: str, model_id: str | None) -> Answer:
         try:
             principal = await self.gate.authenticate(authorization, client_ip)
             ids = self.gate.visible_models(principal)

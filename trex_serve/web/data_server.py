@@ -115,9 +115,9 @@ class DataServer:
         if method in ("GET", "DELETE") and is_stored_path(path):
             return await stored_response(pipeline, method, path, request.query, auth, client)
         if method == "GET" and path == "/v1/models":
-            return await pipeline.models(auth, client)
+            return await pipeline.models(auth, client, trace_carrier=headers)
         if method == "GET" and path.startswith("/v1/models/"):
-            return await pipeline.models(auth, client, path[len("/v1/models/"):])
+            return await pipeline.models(auth, client, path[len("/v1/models/"):], trace_carrier=headers)
         # The front proxy sends nothing else here; say so plainly if something does.
         raise TrexError("Not Found", status=404, code="not_found", type="invalid_request_error")
 

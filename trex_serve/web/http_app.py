@@ -225,13 +225,15 @@ def build_http_app(pipeline_ref: Callable[[], Awaitable[Pipeline]],
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         pipeline = await pipeline_ref()
-        return render(await pipeline.models(request.headers.get("authorization"), ip(request, pipeline.settings)))
+        return render(await pipeline.models(request.headers.get("authorization"), ip(request, pipeline.settings),
+                                            trace_carrier=request.headers))
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
         pipeline = await pipeline_ref()
         client = ip(request, pipeline.settings)
-        return render(await pipeline.models(request.headers.get("authorization"), client, model_id))
+        return render(await pipeline.models(request.headers.get("authorization"), client, model_id,
+                                            trace_carrier=request.headers))
 
     @app.get("/healthz")
     async def healthz() -> Response:
