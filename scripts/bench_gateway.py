@@ -31,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_anchors import start_tensorzero  # noqa: E402
-from trex_serve.local.embedded import free_port, port_open  # noqa: E402
+from trex_serve.local.embedded import free_port, free_ports, port_open  # noqa: E402
 
 WARMUP_S = 5
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
@@ -116,7 +116,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
     home = Path(tempfile.mkdtemp(prefix="trex-bench-"))
-    mock_port, http_port = free_port(), free_port()
+    mock_port, http_port = free_ports(2)
     mock = start_mock(mock_port)
     catalog = write_bench_catalog(home, mock_port, timeout_s=30, pool_replicas=args.pool_replicas)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),

@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_gateway import BODY, start_mock, write_bench_catalog, wrk  # noqa: E402
-from trex_serve.local.embedded import free_port  # noqa: E402
+from trex_serve.local.embedded import free_port, free_ports  # noqa: E402
 
 RISK = {"allowed_ips": ["127.0.0.0/8", "::1/128"], "daily_spend_cap": 1e6, "monthly_spend_cap": 1e7,
         "max_output_tokens": 4096, "max_prompt_tokens": 100000, "velocity": {"window_s": 60, "max_credits": 1e6}}
@@ -68,7 +68,7 @@ def main() -> int:
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="trex-stages-"))
     probe = home / "stages"
-    mock_port, http_port, serve_port = free_port(), free_port(), free_port()
+    mock_port, http_port, serve_port = free_ports(3)
     mock = start_mock(mock_port)
     catalog = write_bench_catalog(home, mock_port, timeout_s=30)
     env = {**os.environ, "TREX_HOME": str(home), "TREX_CATALOG": str(catalog), "TREX_HTTP_PORT": str(http_port),

@@ -26,7 +26,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_gateway import start_mock, write_bench_catalog  # noqa: E402
-from trex_serve.local.embedded import free_port  # noqa: E402
+from trex_serve.local.embedded import free_port, free_ports  # noqa: E402
 
 OPEN = {"now": 0, "peak": 0}
 
@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=15)
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="trex-bench-streams-"))
-    mock_port, http_port = free_port(), free_port()
+    mock_port, http_port = free_ports(2)
     mock = start_mock(mock_port)
     httpx.post(f"http://127.0.0.1:{mock_port}/_control", json={"token_interval_ms": 1000,
                                                                   "stream_chunks": args.chunks})

@@ -19,6 +19,17 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports, for a tool that starts several servers at once: two separate
+    picks may draw the same port, and the second server would then fail to bind."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, for a server to bind a moment later. Taken below the kernel's ephemeral
     range: a port the kernel hands out itself (bind to 0) is also what it gives the next outgoing
