@@ -10,7 +10,7 @@ calls per second and requests per second at each concurrency.
 
 ``--replicas N`` starts a primary with N replicas behind three sentinels (local/sentinel_set.py) and
 connects through its ``redis+sentinel://`` URL; ``--wait`` lists the TREX_REDIS_WAIT_REPLICAS
-values to compare (admission/durability.py).
+values to compare (redis_durability.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import uuid
 from pathlib import Path
 
 from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
-from trex_serve.admission.durability import Durability
 from trex_serve.local.embedded import free_port, start_redis
 from trex_serve.local.sentinel_set import SentinelSet
+from trex_serve.redis_durability import Durability
 
 
 async def run(url: str, group_commit: bool, concurrency: int, seconds: float, wait: int = 0,

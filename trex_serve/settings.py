@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trex_serve.admission.durability import Durability
+from trex_serve.redis_durability import Durability
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -48,7 +48,7 @@ class Settings:
     # A stream entry read by a replica and not acknowledged for this long is taken over by another
     # (the reader died); a live reader re-reads its own pending entries well within it.
     stream_claim_idle_ms: int = 15_000
-    # Durable counter writes (admission/durability.py): replicas that must acknowledge each batch of
+    # Durable counter writes (redis_durability.py): replicas that must acknowledge each batch of
     # admissions and settlements before callers hear of it; 0 = off (Redis's asynchronous replication).
     redis_wait_replicas: int = 0
     redis_wait_timeout_ms: int = 100

@@ -1,4 +1,4 @@
-"""Redis behind Sentinel (admission/redis_urls.py, lean_redis.py, durability.py) on a real primary,
+"""Redis behind Sentinel (admission/redis_urls.py, lean_redis.py, redis_durability.py) on a real primary,
 two replicas and three sentinels on loopback (local/sentinel_set.py), the primary SIGKILLed while
 admissions and settlements run:
 
@@ -23,10 +23,10 @@ import pytest
 import redis
 
 from trex_serve.admission.counters import AdmitRequest, CounterStore, SettleRequest
-from trex_serve.admission.durability import Durability
 from trex_serve.admission.redis_urls import sync_client
 from trex_serve.errors import ServiceUnavailable
 from trex_serve.local.sentinel_set import SentinelSet
+from trex_serve.redis_durability import Durability
 
 INITIAL = 10**12
 CHARGE = 900

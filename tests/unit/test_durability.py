@@ -1,4 +1,4 @@
-"""Durable counter writes (admission/durability.py): a batch's replies are released only when the
+"""Durable counter writes (redis_durability.py): a batch's replies are released only when the
 trailing WAIT says enough replicas acknowledged it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from trex_serve.admission.durability import Durability, NotReplicated
+from trex_serve.redis_durability import Durability, NotReplicated
 from trex_serve.settings import Settings
 
 

@@ -19,9 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from trex_serve.admission.durability import Durability, NotReplicated
 from trex_serve.admission.lean_redis import LeanRedis
 from trex_serve.errors import ServiceUnavailable
+from trex_serve.redis_durability import Durability, NotReplicated
 
 _LUA_DIR = Path(__file__).resolve().parent / "lua"
 
@@ -221,7 +221,7 @@ class ScriptCaller:
         lean: bool = True, durability: Durability | None = None,
     ) -> None:
         """``lean``: the script calls go over :class:`LeanRedis` (when the URL allows it), not
-        redis-py's pool. ``durability``: every batch waits for replicas (durability.py)."""
+        redis-py's pool. ``durability``: every batch waits for replicas (redis_durability.py)."""
         self.client = client
         self.durability = durability
         self.group_commit = group_commit
@@ -352,7 +352,7 @@ class ScriptCaller:
         return (await self._roundtrip([(script, args)], lambda: _mark_sent(sent, None)))[0]
 
     async def _replicated(self, script: _Script, args: list[Any], batch: bool, durable: Durability) -> Any:
-        """One call acknowledged by ``durable.replicas`` replicas (durability.py says why each
+        """One call acknowledged by ``durable.replicas`` replicas (redis_durability.py says why each
         script is treated as it is). A settlement is sent again until acknowledged (a lost
         connection or a failover in between included), within its deadline; if a retry finds
         nothing left to settle, the first attempt's effect survived and its answer stands."""

@@ -43,8 +43,8 @@ from trex_serve.admission.counter_records import (
     _s,
 )
 from trex_serve.admission.counter_scripts import ScriptCaller, _now_arg, _opt
-from trex_serve.admission.durability import Durability
 from trex_serve.admission.redis_urls import async_client, close_async
+from trex_serve.redis_durability import Durability
 
 log = logging.getLogger(__name__)
 

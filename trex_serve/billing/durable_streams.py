@@ -34,7 +34,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from trex_serve.admission.durability import Durability
+from trex_serve.redis_durability import Durability
 
 log = logging.getLogger("trex.streams")
 
