@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trex_serve.cache import MAX_TTL_S as MAX_CACHE_TTL_S
 from trex_serve.errors import InvalidRequest
+from trex_serve.store.shapes import MAX_CACHE_TTL_S
 
 
 def _strict_bool(cls: Any, value: Any) -> Any:

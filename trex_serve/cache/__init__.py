@@ -6,6 +6,7 @@ back into an answer. The pipeline's steps that use them are in ``trex_serve/pipe
 
 from __future__ import annotations
 
-# The longest time-to-live a request or a key may ask for: an entry is a copy of an answer, kept no
-# longer than a stored response is by default.
-MAX_TTL_S = 30 * 86400
+# Defined with the key's stored shape (store/shapes.py), which checks a key's default against it.
+from trex_serve.store.shapes import MAX_CACHE_TTL_S as MAX_TTL_S
+
+__all__ = ["MAX_TTL_S"]

@@ -141,14 +141,17 @@ def _choice(value: Any, allowed: tuple[str, ...], param: str) -> str:
     return value
 
 
+# The longest time-to-live a request or a key may ask of the response cache: an entry is a copy of
+# an answer, kept no longer than a stored response is by default.
+MAX_CACHE_TTL_S = 30 * 86400
+
+
 def _cache_ttl(value: Any) -> int | None:
     """A key's default response-cache time-to-live in seconds; 0 or None turns the default off."""
-    from trex_serve.cache import MAX_TTL_S
-
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TTL_S:
-        raise InvalidRequest(f"cache_ttl_s must be an integer from 0 to {MAX_TTL_S}", param="cache_ttl_s")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CACHE_TTL_S:
+        raise InvalidRequest(f"cache_ttl_s must be an integer from 0 to {MAX_CACHE_TTL_S}", param="cache_ttl_s")
     return value or None
 
 
