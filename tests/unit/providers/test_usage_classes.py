@@ -15,7 +15,7 @@ from trex_serve.providers.registry import adapter_for
 from trex_serve.providers.sse import parse_usage_comment, usage_comment
 from trex_serve.providers.usage import Usage
 
-WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
+WIRE = Path(__file__).parents[2] / "fixtures" / "wire"
 
 
 def load(name: str) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.integration.gateway import OP, account, chat, new_key
 
-WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
+WIRE = Path(__file__).parents[2] / "fixtures" / "wire"
 
 
 def usage_of(name: str) -> dict:

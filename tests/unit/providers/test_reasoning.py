@@ -18,7 +18,7 @@ from trex_serve.catalog import Provider
 from trex_serve.errors import InvalidRequest
 from trex_serve.providers.registry import adapter_for
 
-WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
+WIRE = Path(__file__).parents[2] / "fixtures" / "wire"
 PROVIDER = Provider(name="claude", base_url="http://upstream/v1", format="anthropic")
 SIGNATURE = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
 

@@ -18,7 +18,7 @@ from trex_serve.catalog import load_catalog
 from trex_serve.local.standalone import standalone_gateway
 from trex_serve.settings import Settings
 
-WIRE = Path(__file__).parent.parent / "fixtures" / "wire"
+WIRE = Path(__file__).parents[2] / "fixtures" / "wire"
 
 
 @pytest.fixture
