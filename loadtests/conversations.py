@@ -15,7 +15,7 @@ one, so a chain crosses formats. A share of the users also repeat one identical 
 - cached requests: every one sent after the first answer of its kind (whole or streamed) is
   ``X-Trex-Cache: hit``.
 
-Kept in its own module as ``redis_failover`` is; the harness (run.py) hands itself in."""
+Kept in its own module as ``redis_failover`` is; the runner (run.py) hands it the harness module."""
 
 from __future__ import annotations
 

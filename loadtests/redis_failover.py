@@ -13,8 +13,8 @@ another error), the gateway answers 200 again after the promotion without a rest
 ledger charged exactly the credit-billed 200 answers (none lost, none twice) with the live balance
 equal to the ledger's.
 
-Kept in its own module; the harness (run.py) hands itself in, since ``python -m loadtests.run``
-runs it as ``__main__``, not as ``loadtests.run``."""
+Kept in its own module; the runner (run.py) hands it the harness module (harness.py), as it did
+when the harness lived in run.py itself, which ``python -m loadtests.run`` runs as ``__main__``."""
 
 from __future__ import annotations
 

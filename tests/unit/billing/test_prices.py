@@ -223,8 +223,8 @@ def test_the_command_defaults_to_the_demo_catalog(monkeypatch, capsys):
 def test_the_load_test_expects_the_charge_at_the_gateway_s_class_prices(tmp_path):
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(SHEET.model_dump(mode="json", exclude_none=True)))
-    # loadtests/run.py patches the whole process with gevent on import: run it in its own.
-    code = ("import sys; from loadtests.run import Catalog; print(Catalog(sys.argv[1]).cost_micro('mini', "
+    # loadtests/harness.py (Locust) patches the whole process with gevent on import: run it in its own.
+    code = ("import sys; from loadtests.harness import Catalog; print(Catalog(sys.argv[1]).cost_micro('mini', "
             "{'prompt_tokens': 2006, 'completion_tokens': 300, 'prompt_tokens_details': {'cached_tokens': 1920}}, "
             "'openai', 'gpt-4o-mini', None))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=DEFAULT_CATALOG.parents[1],
