@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trex_serve.api.schemas import TrexRouting
 from trex_serve.catalog import CatalogError, parse_catalog
 from trex_serve.errors import InvalidRequest
+from trex_serve.routing.request_routing import TrexRouting
 from trex_serve.routing.resolve import resolve
 
 CATALOG = {

@@ -29,9 +29,7 @@ LAYERS = [
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 # Imports that still point up, each a (module, imported module) pair: the list may only shrink.
-KNOWN_UPWARD = {
-    ("trex_serve.routing.resolve", "trex_serve.api.schemas"),  # TrexRouting, the request's routing field
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

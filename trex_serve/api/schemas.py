@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trex_serve.errors import InvalidRequest
+from trex_serve.routing.request_routing import TrexRouting
 from trex_serve.store.shapes import MAX_CACHE_TTL_S
 
 
@@ -21,19 +22,6 @@ def _strict_bool(cls: Any, value: Any) -> Any:
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
-
-
-class FallbackTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    provider: str
-    model: str
-
-
-class TrexRouting(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    provider: str | None = None
-    fallbacks: list[FallbackTarget] = Field(default_factory=list, max_length=8)
-    allow_fallbacks: bool = True
 
 
 class TrexCache(BaseModel):

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from trex_serve.api.schemas import TrexRouting
 from trex_serve.catalog import Catalog, Model
 from trex_serve.errors import InvalidRequest, ModelNotFound, UpstreamUnavailable
 from trex_serve.routing.health import HealthPolicy, TargetHealth
+from trex_serve.routing.request_routing import TrexRouting
 
 SMART_AUTO = "smart-auto"
 
