@@ -160,16 +160,25 @@ def test_owner_signs_in_creates_a_key_binds_a_provider_and_finds_the_request_in_
     bad = api.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                    json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
     assert bad.status_code == 404
+    # A response-cache hit: its row says the cache answered, not a provider.
+    hit_body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "same again"}],
+                "trex": {"cache": {"ttl_s": 60}}}
+    assert api.post("/v1/chat/completions", json=hit_body, headers={"Authorization": f"Bearer {key}"}
+                    ).headers["X-Trex-Cache"] == "miss"
+    hit = api.post("/v1/chat/completions", json=hit_body, headers={"Authorization": f"Bearer {key}"})
+    assert hit.headers["X-Trex-Cache"] == "hit"
+    hit_rid = hit.headers["X-Trex-Request-Id"]
 
     logs = page.locator("#logs-table")
     deadline = time.monotonic() + 10
-    while rid not in logs.inner_text() or cached_rid not in logs.inner_text():
+    while any(r not in logs.inner_text() for r in (rid, cached_rid, hit_rid)):
         assert time.monotonic() < deadline, "the request never appeared in the logs table"
         page.locator("#logs-form").get_by_role("button", name="Apply").click()
         page.wait_for_timeout(300)
     assert "gpt-4o-mini" in logs.inner_text()
     cached_row = logs.locator("tr", has_text=cached_rid)
     assert "cache read" in cached_row.inner_text() and "cache write 1h" in cached_row.inner_text()
+    assert "response cache" in logs.locator("tr", has_text=hit_rid).inner_text()
 
     page.get_by_role("button", name="Refresh").click()
     page.locator("#traffic-totals").get_by_text("requests").wait_for()

@@ -357,7 +357,9 @@
     nextBefore = page.next_before;
     fillTable("logs-table", page.data, (r) => [
       fmtTime(r.created_at), el("code", {}, r.request_id), r.key_prefix ? el("code", {}, r.key_prefix + "…") : "—",
-      r.model_requested || "—", r.provider ? r.provider + " / " + (r.model_served || "") : "—", String(r.attempts),
+      r.model_requested || "—",
+      r.cache === "hit" ? el("em", {}, "response cache") : r.provider ? r.provider + " / " + (r.model_served || "") : "—",
+      String(r.attempts),
       badge(r.status), Math.round(r.latency_ms) + " ms", r.ttfb_ms === null ? "—" : Math.round(r.ttfb_ms) + " ms",
       tokenCell(r),
       r.billing ? r.billing + (r.credits_charged ? " · " + fmtCredits(r.credits_charged) + " cr" : "") : "—",
