@@ -117,6 +117,9 @@ class Stateful:
         expanded), and the answer when the cache has it."""
         principal = call.principal
         assert principal is not None
+        ttl = ttl_for(payload, getattr(principal.context, "cache_ttl_s", None))
+        if api == "chat" and (ttl == 0 or self.cache is None):
+            return payload, None  # nothing to continue, keep or cache: most requests, so kept cheap
         keeper = Keeper(self.stored, self.cache, api, call)
         original = payload
         if api == "responses":
@@ -132,7 +135,6 @@ class Stateful:
                 raise InvalidRequest("Invalid value for 'store': must be a boolean.", param="store")
             if store is not False and self.stored is not None:  # OpenAI's default: stored
                 keeper.inputs = items.stored_input(original.get("input"))
-        ttl = ttl_for(original, getattr(principal.context, "cache_ttl_s", None))
         if ttl > 0 and self.cache is not None:
             keeper.digest, keeper.ttl_s = entry_digest(api, resolution, original), ttl
             entry = await self.cache.get(principal.account_id, keeper.digest)
