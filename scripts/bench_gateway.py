@@ -35,6 +35,9 @@ from trex_serve.local.embedded import free_port, free_ports, port_open  # noqa: 
 
 WARMUP_S = 5
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark"}]}
+# Every risk control on the key (`--risk`): address allow-list, spend caps, ceilings, velocity guard.
+RISK = {"allowed_ips": ["127.0.0.0/8", "::1/128"], "daily_spend_cap": 1e6, "monthly_spend_cap": 1e7,
+        "max_output_tokens": 4096, "max_prompt_tokens": 100000, "velocity": {"window_s": 60, "max_credits": 1e6}}
 
 
 def wrk(url: str, connections: int, duration: int, body: dict, key: str | None,
@@ -137,10 +140,7 @@ def main() -> int:
         key = admin.post(f"/accounts/{acc['id']}/keys", json={"name": "bench"}).json()["key"]
         risky = None
         if args.risk:
-            risky = admin.post(f"/accounts/{acc['id']}/keys", json={"name": "risky", "risk": {
-                "allowed_ips": ["127.0.0.0/8", "::1/128"], "daily_spend_cap": 1e6, "monthly_spend_cap": 1e7,
-                "max_output_tokens": 4096, "max_prompt_tokens": 100000,
-                "velocity": {"window_s": 60, "max_credits": 1e6}}}).json()["key"]
+            risky = admin.post(f"/accounts/{acc['id']}/keys", json={"name": "risky", "risk": RISK}).json()["key"]
         for _ in range(50):  # warm every connection pool on the path
             httpx.post(f"{base}/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"})
         stream_body = {**BODY, "stream": True}

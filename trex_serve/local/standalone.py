@@ -33,8 +33,10 @@ class Standalone:
 
 
 @asynccontextmanager
-async def standalone_gateway(settings: Settings, catalog: Catalog,
-                             counters_prefix: str = "trex:") -> AsyncIterator[Standalone]:
+async def standalone_gateway(settings: Settings, catalog: Catalog, counters_prefix: str = "trex:",
+                             pool: tuple[tuple[str, int], str] | None = None) -> AsyncIterator[Standalone]:
+    """``pool``: the address and hop secret of a pool server running elsewhere (another process,
+    as in the deployment); without it one runs in this process."""
     engine = create_engine(settings.database_url or None)
     migrate(engine)
     repo = Repository(engine, settings.secret_key)
@@ -42,12 +44,15 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
     runtime = Runtime(settings, catalog, repo, CounterStore.from_url(settings.redis_url, prefix=counters_prefix,
                                                                      durability=settings.durability()))
     runtime.start()
-    hop_secret = secrets.token_urlsafe(16)
-    pool = PoolServer({p.name: p for p in catalog.providers}, hop_secret)
-    port = await pool.start()
+    if pool is None:
+        hop_secret = secrets.token_urlsafe(16)
+        local_pool: PoolServer | None = PoolServer({p.name: p for p in catalog.providers}, hop_secret)
+        address = ("127.0.0.1", await local_pool.start())  # type: ignore[union-attr]
+    else:
+        (address, hop_secret), local_pool = pool, None
 
     async def pick(_provider: str, _exclude: set) -> tuple[str, int]:
-        return ("127.0.0.1", port)
+        return address
 
     relay = HttpRelay(pick, hop_secret)
     planner = runtime.planner = Planner(cost=target_cost(catalog))
@@ -66,5 +71,6 @@ async def standalone_gateway(settings: Settings, catalog: Catalog,
     finally:
         await runtime.close()
         await relay.close()
-        await pool.stop()
+        if local_pool is not None:
+            await local_pool.stop()
         engine.dispose()
