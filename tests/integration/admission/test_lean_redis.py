@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import pytest
 import redis.asyncio as aioredis
@@ -33,8 +34,11 @@ async def pair(redis_url):
 
 def test_commands_are_packed_as_redis_py_packs_them():
     conn = Connection()
-    for args in (("SET", "k", "v"), ("EVALSHA", "ab" * 20, 0, "p:", 12, -1, "0.8", ""), ("GET", "é")):
+    for args in (("SET", "k", "v"), ("EVALSHA", "ab" * 20, 0, "p:", 12, -1, "0.8", ""), ("GET", "é"),
+                 ("SET", b"\x00\xff", 1796373915.6652586), ("INCRBY", "k", 2**60), ("X", 1e-05, 0.1 + 0.2)):
         assert pack(args) == b"".join(conn.pack_command(*args))
+    # A type hiredis's encoder refuses is written as its text, as before.
+    assert pack(("SET", "k", Decimal("1.50"))) == pack(("SET", "k", "1.50"))
 
 
 async def test_replies_come_back_in_order_decoded_with_errors_in_place(pair):
