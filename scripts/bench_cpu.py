@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from scripts.bench_gateway import BODY, RISK, start_mock, write_bench_catalog, wrk  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
-from trex_serve.local.embedded import free_ports, port_open, start_redis  # noqa: E402
+from trex_serve.local.embedded import free_ports, port_open, redis_server_binary, start_redis  # noqa: E402
 from trex_serve.settings import Settings  # noqa: E402
 
 
@@ -65,15 +65,27 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
 
     mock_port, redis_port, pool_port = free_ports(3)
     mock = start_mock(mock_port)
-    redis = start_redis(redis_port, home)
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    if args.redis_unix:  # Redis on a Unix socket instead of TCP loopback
+        sock = home / "redis.sock"
+        redis = subprocess.Popen([redis_server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "",
+                                  "--appendonly", "no", "--dir", str(home)], stdout=subprocess.DEVNULL)
+        while not sock.exists():
+            await asyncio.sleep(0.05)
+        redis_url = f"unix://{sock}?db=0"
+    else:
+        redis = start_redis(redis_port, home)
     catalog_path = write_bench_catalog(home, mock_port, timeout_s=30)
     secret = secrets.token_urlsafe(16)
     pool = subprocess.Popen([sys.executable, __file__, "--pool", str(catalog_path), str(pool_port), secret])
+    if args.batch_sched:
+        for pid in (0, pool.pid):
+            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
     settings = Settings(catalog_path=str(catalog_path), database_url=f"sqlite:///{home / 'trex.db'}",
-                        redis_url=f"redis://127.0.0.1:{redis_port}/0", admin_token="bench",
+                        redis_url=redis_url, admin_token="bench",
                         secret_key=secrets.token_urlsafe(32))
     try:
-        while not (port_open("127.0.0.1", pool_port) and port_open("127.0.0.1", redis_port)):
+        while not port_open("127.0.0.1", pool_port):
             await asyncio.sleep(0.05)
         async with standalone_gateway(settings, load_catalog(catalog_path),
                                       pool=(("127.0.0.1", pool_port), secret)) as gw:
@@ -120,6 +132,8 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-sched", action="store_true", help="the two Python processes under SCHED_BATCH")
+    ap.add_argument("--redis-unix", action="store_true", help="Redis on a Unix socket, not TCP loopback")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
