@@ -18,6 +18,7 @@ from deployments import replica_state, stage_probe
 from deployments.logs import route_core_logs
 from deployments.pool_view import PoolView
 from trex_serve.billing.prices import target_cost
+from trex_serve.gc_settings import settle_heap
 from trex_serve.hop.relay import HttpRelay
 from trex_serve.pipeline.request_path import Pipeline
 from trex_serve.routing.health import HealthPolicy
@@ -60,6 +61,7 @@ class Ingress:
         replica_state.publish(pipeline, self.runtime.admin_app())
         self._poller = asyncio.create_task(self._poll_routing_table(float(args.get("table_poll_s", 0.25))))
         self.data_server, self.announcer = await self._start_data_server()
+        settle_heap()
 
     async def _start_data_server(self) -> tuple[DataServer | None, Announcer | None]:
         """The hot routes' direct server (web/data_server.py), for the front proxy only: without the

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments import stage_probe
 from deployments.logs import route_core_logs
 from trex_serve.catalog import load_catalog
+from trex_serve.gc_settings import settle_heap
 from trex_serve.hop.pool_server import PoolServer
 from trex_serve.routing.health import Outcome, OutcomeBatch
 
@@ -50,6 +51,7 @@ class ProviderPool:
         self.host = ray.util.get_node_ip_address()
         self.port = await self.server.start(self.host, 0)
         self._reporter = asyncio.create_task(self._report_loop(report_interval_s))
+        settle_heap()
         log.info("pool %s listening on %s:%s", provider, self.host, self.port)
 
     def record_replica_metadata(self) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import secrets
 import shutil
@@ -33,11 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from scripts.bench_gateway import BODY, RISK, start_mock, write_bench_catalog, wrk  # noqa: E402
 from trex_serve.catalog import load_catalog  # noqa: E402
+from trex_serve.gc_settings import settle_heap  # noqa: E402
 from trex_serve.local.embedded import free_ports, port_open, redis_server_binary, start_redis  # noqa: E402
 from trex_serve.settings import Settings  # noqa: E402
 
 
-def serve_pool(catalog_path: str, port: int, secret: str) -> None:
+def serve_pool(catalog_path: str, port: int, secret: str, gc_mode: str) -> None:
     """The pool process: one PoolServer on uvloop, as in a pool replica, until killed."""
     import uvloop
 
@@ -46,9 +48,29 @@ def serve_pool(catalog_path: str, port: int, secret: str) -> None:
     async def run() -> None:
         catalog = load_catalog(catalog_path)
         await PoolServer({p.name: p for p in catalog.providers}, secret).start("127.0.0.1", port)
+        if gc_mode == "settled":
+            settle_heap()
         await asyncio.Event().wait()
 
     uvloop.run(run())
+
+
+class GcClock:
+    """CPU seconds this process's thread spent in the garbage collector (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._tick)
+
+    def _tick(self, phase: str, _info: dict) -> None:
+        if phase == "start":
+            self._began = time.thread_time()
+        else:
+            self.seconds += time.thread_time() - self._began
+
+
+collector = GcClock()
 
 
 def cpu_of(pid: int) -> float:
@@ -77,7 +99,7 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
         redis = start_redis(redis_port, home)
     catalog_path = write_bench_catalog(home, mock_port, timeout_s=30)
     secret = secrets.token_urlsafe(16)
-    pool = subprocess.Popen([sys.executable, __file__, "--pool", str(catalog_path), str(pool_port), secret])
+    pool = subprocess.Popen([sys.executable, __file__, "--pool", str(catalog_path), str(pool_port), secret, args.gc])
     if args.batch_sched:
         for pid in (0, pool.pid):
             os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
@@ -100,6 +122,8 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
 
             server = DataServer(ref)
             port = await server.start("127.0.0.1")
+            if args.gc == "settled":
+                settle_heap()  # as the Ingress deployment does once it has started
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             headers = {AUTH_HEADER: front_secret(settings.secret_key), "X-Forwarded-For": "127.0.0.1"}
             rows = []
@@ -107,14 +131,16 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
             await asyncio.to_thread(wrk, url, args.connections, 3, BODY, key, headers)  # warm-up
             for _ in range(args.rounds):
                 before = (time.process_time(), cpu_of(pool.pid))
+                gc_before = collector.seconds
                 result = await asyncio.to_thread(wrk, url, args.connections, args.duration, BODY, key, headers)
                 served = result["rps"] * args.duration
                 ingress = (time.process_time() - before[0]) / served * 1000
                 pool_ms = (cpu_of(pool.pid) - before[1]) / served * 1000
                 assert result["non2xx"] == 0, result
-                rows.append((result["rps"], ingress, pool_ms))
-                print(f"  {result['rps']:7.0f} req/s  ingress {ingress:.3f} ms  pool {pool_ms:.3f} ms CPU/request",
-                      flush=True)
+                gc_ms = (collector.seconds - gc_before) / served * 1000
+                rows.append((result["rps"], ingress, pool_ms, gc_ms))
+                print(f"  {result['rps']:7.0f} req/s  ingress {ingress:.3f} ms (of which GC {gc_ms:.3f})  "
+                      f"pool {pool_ms:.3f} ms CPU/request", flush=True)
             await server.stop()
             await admin.aclose()
     finally:
@@ -125,13 +151,15 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--pool":
-        serve_pool(*sys.argv[2:4], sys.argv[4])  # type: ignore[call-arg]
+    if len(sys.argv) == 6 and sys.argv[1] == "--pool":
+        serve_pool(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
         return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gc", choices=("settled", "default"), default="settled",
+                    help="settled: gc_settings.settle_heap() in both processes, as the deployments do")
     ap.add_argument("--batch-sched", action="store_true", help="the two Python processes under SCHED_BATCH")
     ap.add_argument("--redis-unix", action="store_true", help="Redis on a Unix socket, not TCP loopback")
     args = ap.parse_args()
@@ -144,7 +172,8 @@ def main() -> int:
     rows = uvloop.run(measure(args, home))
     best = min(rows, key=lambda r: r[1] + r[2])
     print(f"\nc={args.connections}, {args.rounds} rounds of {args.duration} s; median of the rounds:")
-    for name, i in (("req/s", 0), ("ingress CPU ms/request", 1), ("pool CPU ms/request", 2)):
+    for name, i in (("req/s", 0), ("ingress CPU ms/request", 1), ("pool CPU ms/request", 2),
+                    ("ingress GC ms/request", 3)):
         values = sorted(r[i] for r in rows)
         print(f"  {name:24} {values[len(values) // 2]:.3f}   (best round: {best[i]:.3f})")
     return 0
