@@ -24,7 +24,7 @@ LAYERS = [
     ("providers",),
     ("store", "migrations"),
     ("observability",),
-    ("settings", "catalog", "errors", "redis_durability"),
+    ("settings", "catalog", "errors", "redis_durability", "gc_settings"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
