@@ -18,7 +18,7 @@ address on every new connection, so after a failover the next connection goes to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -30,6 +30,7 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 DEFAULT_SENTINEL_PORT = 26379
 _FLOAT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+_R = TypeVar("_R", aioredis.Redis, redis.Redis)  # the asyncio or the blocking client
 
 
 @dataclass(frozen=True)
@@ -142,24 +143,25 @@ def _sentinel_args(spec: SentinelUrl, kwargs: dict[str, Any]) -> tuple[dict[str,
 
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """A ``redis.asyncio.Redis`` for any URL form above; ``kwargs`` as for ``Redis.from_url``."""
-    if not is_sentinel_url(url):
-        return aioredis.Redis.from_url(url, **kwargs)
-    spec = parse_sentinel_url(url)
-    conn, sentinel_kwargs = _sentinel_args(spec, kwargs)
-    ssl = conn.pop("ssl", False)
-    manager = AsyncSentinel(list(spec.sentinels), sentinel_kwargs=sentinel_kwargs)
-    return manager.master_for(spec.service_name, redis_class=aioredis.Redis, ssl=ssl, **conn)
+    return _client(url, kwargs, aioredis.Redis, AsyncSentinel)
 
 
 def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     """The blocking twin of :func:`async_client` (the front proxy's sync loop, tools)."""
+    return _client(url, kwargs, redis.Redis, SyncSentinel)
+
+
+def _client(url: str, kwargs: dict[str, Any], redis_class: type[_R],
+            sentinel_class: type[AsyncSentinel] | type[SyncSentinel]) -> _R:
+    # redis-py's asyncio and blocking Redis and Sentinel classes take the same arguments, so the
+    # two clients are built by one reading of the URL and cannot drift apart.
     if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **kwargs)
+        return redis_class.from_url(url, **kwargs)
     spec = parse_sentinel_url(url)
     conn, sentinel_kwargs = _sentinel_args(spec, kwargs)
     ssl = conn.pop("ssl", False)
-    manager = SyncSentinel(list(spec.sentinels), sentinel_kwargs=sentinel_kwargs)
-    return manager.master_for(spec.service_name, redis_class=redis.Redis, ssl=ssl, **conn)
+    manager = sentinel_class(list(spec.sentinels), sentinel_kwargs=sentinel_kwargs)
+    return manager.master_for(spec.service_name, redis_class=redis_class, ssl=ssl, **conn)
 
 
 async def close_async(client: aioredis.Redis) -> None:
