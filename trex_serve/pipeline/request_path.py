@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -45,6 +45,9 @@ from trex_serve.routing.resolve import SMART_AUTO, Planner, Resolution, Target, 
 from trex_serve.settings import Settings
 
 Route = tuple[Target, str | None]  # a target and the provider key to call it with
+# What a generation route does once the shared prologue has the request parsed, authenticated,
+# resolved and not answered from the cache: (call, payload, parsed request, principal, resolution).
+Serve = Callable[[Call, dict[str, Any], Any, Principal, Resolution], Awaitable[Answer]]
 log = logging.getLogger("trex.pipeline")
 
 
@@ -105,14 +108,9 @@ class Pipeline(Answers, Stateful, TokenCount):
                    trace_carrier: Mapping[str, str] | None = None) -> Answer:
         """``request_id``: assigned by the trusted front proxy (front_id.py), which may send the same
         request again after losing the replica that had it; admission and settlement are idempotent by it."""
-        call = Call(request_id or new_request_id(), "chat", client_ip)
-        tracing.begin(call, trace_carrier)
-        try:
-            payload, request, principal, resolution = await self._front(
-                call, raw, ChatCompletionRequest, authorization, check_chat_request)
-            payload, cached = await self._stateful(call, "chat", payload, resolution)
-            if cached is not None:
-                return cached
+
+        async def serve(call: Call, payload: dict[str, Any], request: ChatCompletionRequest,
+                        principal: Principal, resolution: Resolution) -> Answer:
             prompt_tokens = estimate_messages(payload["messages"])
             max_out = request.max_completion_tokens or request.max_tokens
             ask = AdmitAsk(resolution, prompt_tokens, max_out, call.request_id, "chat", request_id is not None)
@@ -124,6 +122,26 @@ class Pipeline(Answers, Stateful, TokenCount):
             want_usage = bool((request.stream_options or {}).get("include_usage"))
             body = _dumps(payload)
             return await self._attempts(call, routes, lambda _t: ("chat", body), want_usage)
+
+        call = Call(request_id or new_request_id(), "chat", client_ip)
+        return await self._generation(call, raw, ChatCompletionRequest, check_chat_request, authorization,
+                                      trace_carrier, serve)
+
+    async def _generation(self, call: Call, raw: bytes, schema: type, check: Callable[[dict[str, Any]], None],
+                          authorization: str | None, trace_carrier: Mapping[str, str] | None,
+                          serve: Serve) -> Answer:
+        """What chat and responses share: the front step, then the stateful one (a cache hit answers
+        here), then ``serve`` (admission, the attempts); any refusal or bug on the way gives back
+        what was admitted and answers the error envelope."""
+        tracing.begin(call, trace_carrier)
+        try:
+            payload, request, principal, resolution = await self._front(call, raw, schema, authorization, check)
+            # A Responses previous_response_id becomes the conversation it continues; the cache may
+            # answer here.
+            payload, cached = await self._stateful(call, call.api, payload, resolution)
+            if cached is not None:
+                return cached
+            return await serve(call, payload, request, principal, resolution)
         except TrexError as exc:
             await self._settle_failure(call)
             return self._error(call, exc)
@@ -158,15 +176,9 @@ class Pipeline(Answers, Stateful, TokenCount):
                         trace_carrier: Mapping[str, str] | None = None) -> Answer:
         """OpenAI Responses API: passed through to providers that speak it, translated to chat
         completions (and the answer back) for the others. ``request_id`` as for :meth:`chat`."""
-        call = Call(request_id or new_request_id(), "responses", client_ip)
-        tracing.begin(call, trace_carrier)
-        try:
-            payload, request, principal, resolution = await self._front(
-                call, raw, ResponsesRequest, authorization, check_responses_request)
-            # previous_response_id becomes the conversation it continues; the cache may answer here.
-            payload, cached = await self._stateful(call, "responses", payload, resolution)
-            if cached is not None:
-                return cached
+
+        async def serve(call: Call, payload: dict[str, Any], request: ResponsesRequest,
+                        principal: Principal, resolution: Resolution) -> Answer:
             untranslatable: InvalidRequest | None = None
             try:
                 chat_payload = responses_to_chat(payload)
@@ -197,11 +209,10 @@ class Pipeline(Answers, Stateful, TokenCount):
 
             call.response_request = payload
             return await self._attempts(call, routes, body_for, True)
-        except TrexError as exc:
-            await self._settle_failure(call)
-            return self._error(call, exc)
-        except Exception:
-            return await self._internal_error(call)
+
+        call = Call(request_id or new_request_id(), "responses", client_ip)
+        return await self._generation(call, raw, ResponsesRequest, check_responses_request, authorization,
+                                      trace_carrier, serve)
 
     async def messages(self, raw: bytes, authorization: str | None, client_ip: str,
                        upstream_key: str | None = None, request_id: str | None = None,
