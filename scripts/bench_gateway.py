@@ -119,6 +119,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
     home = Path(tempfile.mkdtemp(prefix="trex-bench-"))
+    load_before = os.getloadavg()
     mock_port, http_port = free_ports(2)
     mock = start_mock(mock_port)
     catalog = write_bench_catalog(home, mock_port, timeout_s=30, pool_replicas=args.pool_replicas)
@@ -187,6 +188,10 @@ def main() -> int:
                 side[0].wait()
     if args.litellm:
         results.update(run_litellm(args.litellm_bin, mock_port, args.duration))
+    # The machine's load when the run began and ended (1-minute average; the run's own processes
+    # count in the second): a figure from a busy machine says little.
+    print(f"\nload average: {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
+          f"({os.cpu_count()} cores)")
     print(f"\n{'path':52} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
     for name, r in results.items():
         print(f"{name:52} {r['rps']:9.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['non2xx']:8d} {r['socket_errors']}")
