@@ -10,15 +10,17 @@ from collections.abc import Callable
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from trex_serve.catalog import Provider
 from trex_serve.hop import contract as hop
 from trex_serve.hop import pool_tracing
+from trex_serve.hop.lean_messages import Request, Response, StreamResponse
+from trex_serve.hop.lean_server import LeanServer
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
 
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+MAX_HOP_BODY_BYTES = 64 * 1024 * 1024
 MAX_STREAM_SECONDS = 900.0
 # A stream's bytes that have not yet completed an event the translator can emit: bounded, so an
 # upstream that sends one endless SSE line cannot grow the replica's memory without limit.
@@ -53,12 +55,12 @@ def _redacted(text: str | None, secret: str | None) -> str | None:
     return None if text is None else redact(text, secret)
 
 
-def _failure(status: int, failure: str, message: str, retry_after: float | None = None) -> web.Response:
+def _failure(status: int, failure: str, message: str, retry_after: float | None = None) -> Response:
     headers = {hop.H_FAILURE: failure}
     if retry_after is not None:
         headers["Retry-After"] = str(int(retry_after))
     body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": failure}})
-    return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+    return Response(status=status, body=body, headers=headers, content_type="application/json")
 
 
 def _retry_after(headers) -> float | None:
@@ -80,7 +82,7 @@ class PoolServer:
         self.max_connections = max_connections
         self.inflight = 0
         self.session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: LeanServer | None = None
         self.port: int | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -92,44 +94,48 @@ class PoolServer:
                                              cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=("User-Agent",))
         tracing.setup("pool")
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/relay", self.relay)
-        app.router.add_get("/healthz", self._healthz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._server = LeanServer(self._route, MAX_HOP_BODY_BYTES)
+        self.port = await self._server.start(host, port)
         return self.port
 
     async def stop(self, drain_s: float = 0.0) -> None:
         """With ``drain_s``: keep serving for a short grace period (ingress replicas may still hold
         the old routing view and send new requests here), then until the requests in flight are
         done (bounded by ``drain_s``), then stop."""
-        if self._runner is not None:
+        if self._server is not None:
             started = time.monotonic()
             grace = min(2.0, drain_s)
             while time.monotonic() - started < drain_s and (
                     time.monotonic() - started < grace or self.inflight):
                 await asyncio.sleep(0.05)
-            await self._runner.cleanup()
+            await self._server.stop()
         if self.session is not None:
             await self.session.close()
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "inflight": self.inflight})
+    async def _route(self, request: Request) -> Response | StreamResponse:
+        if request.path == "/relay":
+            if request.method != "POST":
+                return Response(405, b"405: Method Not Allowed", {"Allow": "POST"}, "text/plain")
+            return await self.relay(request)
+        if request.path == "/healthz" and request.method == "GET":
+            return Response(body=orjson.dumps({"ok": True, "inflight": self.inflight}),
+                            content_type="application/json")
+        return Response(404, b"404: Not Found", content_type="text/plain")
 
-    async def relay(self, request: web.Request) -> web.StreamResponse:
+    async def relay(self, request: Request) -> Response | StreamResponse:
         given = request.headers.get(hop.H_SECRET, "").encode()
         if not hmac.compare_digest(given, self.secret):
-            return web.Response(status=403, text="forbidden")
+            return Response(403, b"forbidden", content_type="text/plain")
+        if request.oversize:
+            return Response(413, f"the hop body exceeds {MAX_HOP_BODY_BYTES} bytes".encode(),
+                            content_type="text/plain")
         self.inflight += 1
         try:
             return await pool_tracing.relayed(self._relay, request, self.providers, request.headers)
         finally:
             self.inflight -= 1
 
-    async def _relay(self, request: web.Request) -> web.StreamResponse:
+    async def _relay(self, request: Request) -> Response | StreamResponse:
         h = request.headers
         provider = self.providers.get(h.get(hop.H_PROVIDER, ""))
         if provider is None:
@@ -138,7 +144,7 @@ class PoolServer:
         api = h.get(hop.H_API, "chat")
         stream = h.get(hop.H_STREAM) == "1"
         adapter = adapter_for(provider.format)
-        raw = await request.read()
+        raw = request.body
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -193,7 +199,7 @@ class PoolServer:
         spec = provider.upstream_key(key_id)
         return spec.secret() if spec is not None else None
 
-    async def _upstream_error(self, upstream, adapter, provider, outcome, api_key: str | None = None) -> web.Response:
+    async def _upstream_error(self, upstream, adapter, provider, outcome, api_key: str | None = None) -> Response:
         retry_after = _retry_after(upstream.headers)
         try:
             async with asyncio.timeout(provider.timeout_s):
@@ -210,9 +216,9 @@ class PoolServer:
         # Every field is the upstream's text, and any of them may quote the key it was sent.
         body = orjson.dumps({"error": {"message": redact(err.message, api_key), "type": redact(err.type, api_key),
                                        "code": _redacted(err.code, api_key), "param": _redacted(err.param, api_key)}})
-        return web.Response(status=status, body=body, headers=headers)
+        return Response(status=status, body=body, headers=headers)
 
-    async def _whole(self, upstream, adapter, provider, api, outcome, started) -> web.Response:
+    async def _whole(self, upstream, adapter, provider, api, outcome, started) -> Response:
         try:
             async with asyncio.timeout(max(0.1, provider.timeout_s - (time.monotonic() - started))):
                 raw = await upstream.content.read(MAX_RESPONSE_BYTES + 1)
@@ -236,9 +242,9 @@ class PoolServer:
         headers = {"Content-Type": "application/json"}
         if usage is not None:
             headers[hop.H_USAGE] = usage.header()
-        return web.Response(status=200, body=body, headers=headers)
+        return Response(status=200, body=body, headers=headers)
 
-    async def _stream(self, request, upstream, adapter, provider, api, model, h, outcome) -> web.StreamResponse:
+    async def _stream(self, request, upstream, adapter, provider, api, model, h, outcome) -> Response | StreamResponse:
         translator = adapter.stream_translator(api, h.get(hop.H_WANT_USAGE) == "1", model)
         content = upstream.content
         # Nothing is sent to the ingress until the upstream's first bytes arrive: up to then a
@@ -266,7 +272,7 @@ class PoolServer:
         if not first:
             outcome(False, 502)
             return _failure(502, "bad_response", f"{provider.name} ended the stream without data")
-        response = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+        response = StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
         await response.write(first)
@@ -294,7 +300,7 @@ class PoolServer:
                         raise _EventTooLarge
         except (TimeoutError, _EventTooLarge, aiohttp.ClientError, ConnectionError) as exc:
             ok = False
-            if isinstance(exc, ConnectionResetError) and request.transport is None:
+            if isinstance(exc, ConnectionResetError) and request.disconnected:
                 raise  # the ingress went away: nothing to tell it
             if isinstance(exc, TimeoutError) and time.monotonic() >= deadline:
                 message, code = f"{provider.name} stream exceeded {limit_s:g}s", "upstream_stream_time_limit"

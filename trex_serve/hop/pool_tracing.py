@@ -18,7 +18,7 @@ from trex_serve.providers.usage import Usage
 async def relayed(handler: Callable[[Any], Awaitable[Any]], request: Any, providers: Mapping[str, Any],
                   headers: Mapping[str, str]) -> Any:
     """Run the pool's relay handler inside a server span that continues the ingress's attempt span.
-    ``headers`` are the hop's (aiohttp's request headers); the provider's base URL gives
+    ``headers`` are the hop's (the request's, case-insensitive); the provider's base URL gives
     ``server.address``. While it runs the span is current, so `tracing.inject` hands it to the upstream."""
     tracer = tracing.tracer()
     if tracer is None:
