@@ -3,6 +3,7 @@ responses, models) on a port of its own, which the front proxy reaches without S
 Serve's replica machinery, uvicorn or FastAPI in the way (~0.8 ms of a 2 ms request, and most of
 the ingress's CPU per request outside our code: docs/BENCHMARKS.md). It runs the same pipeline as
 the FastAPI app (http_app.py) and writes the same answers; every other route stays on Serve.
+It runs on the lean HTTP/1.1 server the pool replicas use too (hop/lean_server.py).
 
 Only the front proxy may call it: a request without the front's signature is refused, so the
 X-Forwarded-For the front proxy wrote (the client's own is dropped there) names the client."""
@@ -13,10 +14,10 @@ import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
-
 from trex_serve.admission.client_ip import client_address
 from trex_serve.errors import TrexError
+from trex_serve.hop.lean_messages import Request, Response, StreamResponse
+from trex_serve.hop.lean_server import LeanServer
 from trex_serve.pipeline.request_path import Pipeline
 from trex_serve.pipeline.settle_and_answer import Answer
 from trex_serve.pipeline.stored_responses import is_stored_path, stored_response
@@ -36,6 +37,8 @@ from trex_serve.web.headers_and_refusals import (
 
 HEALTH_PATH = "/-/data-healthz"
 _AUTH = AUTH_HEADER.lower()
+# What the server reads of a body before the pipeline's own limit is known (its first request).
+FIRST_BODY_CAP = 64 * 1024 * 1024
 
 
 def forwarded_client(forwarded_for: str | None, peer: str | None) -> str:
@@ -49,15 +52,11 @@ class DataServer:
         self.pipeline_ref = pipeline_ref
         self.inflight = 0
         self.port: int | None = None
-        self._runner: web.ServerRunner | None = None
+        self._server: LeanServer | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
-        server = web.Server(self._handle, handler_cancellation=False)
-        self._runner = web.ServerRunner(server, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001
+        self._server = LeanServer(self._handle, FIRST_BODY_CAP)
+        self.port = await self._server.start(host, port)
         return self.port
 
     async def drain(self, timeout: float) -> None:
@@ -67,17 +66,19 @@ class DataServer:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> Response | StreamResponse:
         if request.path == HEALTH_PATH:
             await self.pipeline_ref()
-            return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+            return Response(body=b'{"status":"ok"}', content_type="application/json")
         self.inflight += 1
         try:
             pipeline = await self.pipeline_ref()
+            if self._server is not None:  # bodies past the limit are no longer read at all
+                self._server.max_body = pipeline.settings.max_body_bytes
             secret = front_secret(pipeline.settings.secret_key)
             if not secret or not hmac.compare_digest(request.headers.get(_AUTH, "").encode(), secret.encode()):
                 return _error(TrexError("This port takes requests from the gateway's front proxy only.",
@@ -96,19 +97,19 @@ class DataServer:
     def _settled(self, _task: object) -> None:
         self.inflight -= 1
 
-    async def _answer(self, request: web.BaseRequest, pipeline: Pipeline, secret: str) -> Answer:
+    async def _answer(self, request: Request, pipeline: Pipeline, secret: str) -> Answer:
         headers = request.headers
-        client = forwarded_client(headers.get("x-forwarded-for"), request.remote)
+        client = forwarded_client(headers.get("x-forwarded-for"), request.peer)
         auth = headers.get("authorization")
         path, method = request.path, request.method
         if method == "POST" and path in ("/v1/chat/completions", "/v1/responses"):
-            body = await _read_body(request, pipeline.settings.max_body_bytes)
+            body = _read_body(request, pipeline.settings.max_body_bytes)
             key = upstream_key(headers)
             front_id = trusted_request_id(headers, secret)
             handler = pipeline.chat if path == "/v1/chat/completions" else pipeline.responses
             return await handler(body, auth, client, key, front_id, trace_carrier=headers)
         if method == "POST" and path == "/v1/messages":
-            body = await _read_body(request, pipeline.settings.max_body_bytes)
+            body = _read_body(request, pipeline.settings.max_body_bytes)
             return await pipeline.messages(body, anthropic_auth(headers), client, upstream_key(headers),
                                            trusted_request_id(headers, secret), trace_carrier=headers,
                                            client_headers=anthropic_client_headers(headers))
@@ -122,30 +123,25 @@ class DataServer:
         raise TrexError("Not Found", status=404, code="not_found", type="invalid_request_error")
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+def _read_body(request: Request, limit: int) -> bytes:
+    """The server has read the body whole, or stopped past its limit (``oversize``); the limit
+    checked here as well, for the bodies read before the server knew it."""
     check_declared_length(request.headers.get("content-length"), limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    if request.oversize or len(request.body) > limit:
+        raise too_large(limit)
+    return request.body
 
 
-def _error(exc: TrexError, anthropic: bool = False) -> web.Response:
+def _error(exc: TrexError, anthropic: bool = False) -> Response:
     status, headers, body = anthropic_refusal(exc) if anthropic else refusal(exc)
-    return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+    return Response(status=status, headers=headers, body=body, content_type="application/json")
 
 
-async def _write(request: web.BaseRequest, answer: Answer) -> web.StreamResponse:
+async def _write(request: Request, answer: Answer) -> Response | StreamResponse:
     if answer.stream is None:
-        return web.Response(status=answer.status, headers=answer.headers, body=answer.body,
-                            content_type=answer.media_type)
-    response = web.StreamResponse(status=answer.status, headers=stream_headers(answer))
-    response.content_type = answer.media_type
-    response.enable_chunked_encoding()
+        return Response(status=answer.status, headers=answer.headers, body=answer.body,
+                        content_type=answer.media_type)
+    response = StreamResponse(status=answer.status, headers=stream_headers(answer), content_type=answer.media_type)
     stream = answer.stream
     try:
         await response.prepare(request)
