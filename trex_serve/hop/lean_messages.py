@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from multidict import CIMultiDict, MultiDict
 
 if TYPE_CHECKING:
-    from trex_serve.hop.lean_server import Connection
+    from trex_serve.hop.lean_connection import Connection
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _date = ["", 0]

@@ -48,6 +48,7 @@ class Recorder:
         self.gate: asyncio.Event | None = None
         self.write_error: BaseException | None = None
         self.finished = asyncio.Event()
+        self.written = 0
 
     async def handle(self, request: Request) -> Response | StreamResponse:
         self.seen.append(f"{request.method} {request.path}")
@@ -71,9 +72,10 @@ class Recorder:
             response = StreamResponse(200, {"Content-Type": "text/event-stream"})
             await response.prepare(request)
             try:
-                while True:
+                while self.written < 64 * 1024 * 1024:
                     await response.write(b"x" * 65536)
-                    await asyncio.sleep(0)
+                    self.written += 65536
+                await response.write_eof()
             except ConnectionError as exc:
                 self.write_error = exc
             finally:
@@ -206,3 +208,58 @@ async def test_stop_lets_the_request_in_flight_finish_and_refuses_new_connection
     data = await asyncio.wait_for(reader.read(), 5)
     assert data.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in data
     await asyncio.wait_for(stopping, 5)
+
+
+async def test_a_stream_waits_for_a_client_that_does_not_read(served):
+    server, recorder = served
+    reader, writer = await _connect(server)
+    writer.write(_get("/endless"))
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await asyncio.sleep(0.3)
+    held = recorder.written
+    await asyncio.sleep(0.2)
+    # Paused: what was written waits in the socket buffers and the transport's, the writer waits too.
+    assert recorder.written == held < 16 * 1024 * 1024
+    size = 0
+    while not recorder.finished.is_set() or size < recorder.written:
+        size += len(await asyncio.wait_for(reader.read(1 << 20), 5))
+    assert recorder.written == 64 * 1024 * 1024 and recorder.write_error is None
+    writer.close()
+
+
+async def test_http_1_0_gets_a_stream_ended_by_the_close_and_no_keep_alive(served):
+    server, _ = served
+    reader, writer = await _connect(server)
+    writer.write(b"GET /stream HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_a_client_that_shuts_its_side_after_its_request_still_gets_the_answer(served):
+    server, _ = served
+    reader, writer = await _connect(server)
+    writer.write(_get("/slow"))
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"GET /slow? 0")
+
+
+async def test_a_head_too_large_is_refused(served):
+    server, recorder = served
+    reader, writer = await _connect(server)
+    writer.write(_get("/x", "X-Big: " + "a" * 70000 + "\r\n"))
+    data = await asyncio.wait_for(reader.read(), 5)
+    assert data.startswith(b"HTTP/1.1 431 ") and recorder.seen == []
+
+
+async def test_expect_100_continue_is_answered_before_the_body(served):
+    server, _ = served
+    reader, writer = await _connect(server)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"abc")
+    answer = await read_answer(reader)
+    assert answer.status == 200 and answer.body == b"POST /up? 3"
+    writer.close()
