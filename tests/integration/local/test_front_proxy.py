@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from trex_serve.local.embedded import free_port, port_open
-from trex_serve.local.front_proxy import front_proxy_config, haproxy_binary
+from trex_serve.local.front_proxy import front_proxy_config, front_threads, haproxy_binary
 from trex_serve.web.front_id import AUTH_HEADER, ID_HEADER, trusted_request_id
 
 SECRET = "f" * 64
@@ -167,3 +167,8 @@ def test_an_operator_request_is_never_sent_twice(front):
     before = len(backend.seen)
     assert_envelope(httpx.post(f"{front['url']}/admin/v1/accounts/a/credits", json={"amount": 5}))
     assert len(backend.seen) == before + 1
+
+
+def test_the_front_proxy_takes_one_thread_per_eight_cores():
+    assert [front_threads(n) for n in (1, 2, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 8]
+    assert f"nbthread {front_threads()}\n" in front_proxy_config(8000, 8001, SECRET)
