@@ -10,12 +10,22 @@ database), and a Sentinel-managed primary (``redis+sentinel://``, redis_urls.py)
 asked of the sentinels on every (re)connection and the server must say it is the primary. Anything
 else (TLS) makes :meth:`LeanRedis.for_client` answer None and the caller keeps redis-py's path.
 A ``READONLY`` error reply means the server was demoted under us: the connection is dropped, so
-every call on it fails as on a lost socket and is sent again on a fresh connection."""
+every call on it fails as on a lost socket and is sent again on a fresh connection.
+
+A deposed primary does not always say so: when the sentinels promote a replica while the old
+primary is still up (a partition between it and the sentinels, or a second failover that deposes a
+primary promoted a moment before), the old one keeps answering as a primary until the sentinels
+reach it and make it a replica, which can take many seconds or the whole partition. Everything
+written to it meanwhile is lost when it is made a replica. So the sentinels are asked again every
+``recheck_s`` while calls flow (in the background: the hot path does not wait for them), and before
+the first call after an idle spell; a socket to a server they no longer name is dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -120,10 +130,14 @@ class LeanRedis:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 6379, path: str | None = None, db: int = 0,
                  username: str | None = None, password: str | None = None, encoding: str | None = "utf-8",
                  connect_timeout_s: float = 2.0, resolve: Callable[[], Awaitable[tuple[str, int]]] | None = None,
-                 ) -> None:
-        """``resolve``: asked for (host, port) on every connection (a Sentinel-managed primary)."""
+                 recheck_s: float = 1.0) -> None:
+        """``resolve``: asked for (host, port) on every connection (a Sentinel-managed primary), and
+        again every ``recheck_s`` while the connection is in use."""
         self.host, self.port, self.path, self.db = host, port, path, int(db or 0)
         self.resolve = resolve
+        self.recheck_s = recheck_s
+        self._checked_at = 0.0  # monotonic time of the sentinels' last answer about the primary
+        self._checking: asyncio.Task | None = None
         self.username, self.password = username, password
         self.encoding = encoding
         self.connect_timeout_s = connect_timeout_s
@@ -149,7 +163,12 @@ class LeanRedis:
 
     async def _connection(self) -> _Resp:
         if self._conn is not None and not self._conn.closed:
-            return self._conn
+            if self.resolve is None or not self._stale():
+                self._recheck_soon()
+                return self._conn
+            await self._recheck()  # idle for a while: the primary may have changed meanwhile
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
         if self._connecting is None:  # one connect for every caller that finds the socket down
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
         task = self._connecting
@@ -165,6 +184,7 @@ class LeanRedis:
         async with asyncio.timeout(self.connect_timeout_s):
             if self.resolve is not None:  # raises a ConnectionError while no primary is known
                 self.host, self.port = await self.resolve()
+                self._checked_at = time.monotonic()
             try:
                 if self.path is not None:
                     await loop.create_unix_connection(lambda: proto, self.path)
@@ -193,9 +213,53 @@ class LeanRedis:
         return proto
 
     def ready(self) -> _Resp | None:
-        """The open connection, when there is one: a write on it needs no await."""
+        """The open connection, when there is one: a write on it needs no await. None too when the
+        sentinels were last asked about the primary too long ago (:meth:`execute` asks first)."""
         conn = self._conn
-        return conn if conn is not None and not conn.closed else None
+        if conn is None or conn.closed:
+            return None
+        if self.resolve is not None:
+            if self._stale():
+                return None
+            self._recheck_soon()
+        return conn
+
+    # -- following the sentinels while connected ------------------------------------------------
+
+    def _stale(self) -> bool:
+        """No word from the sentinels for two rechecks: the calls have been idle."""
+        return time.monotonic() - self._checked_at > 2 * self.recheck_s
+
+    def _recheck_soon(self) -> None:
+        """Ask the sentinels in the background once ``recheck_s`` has passed since they last were."""
+        if self.resolve is None or self._checking is not None:
+            return
+        if time.monotonic() - self._checked_at <= self.recheck_s:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: the next call in one asks
+            self._checking = asyncio.get_running_loop().create_task(self._ask_sentinels())
+
+    async def _recheck(self) -> None:
+        if self._checking is None:
+            self._checking = asyncio.get_running_loop().create_task(self._ask_sentinels())
+        await asyncio.shield(self._checking)
+
+    async def _ask_sentinels(self) -> None:
+        assert self.resolve is not None
+        conn = self._conn
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                host, port = await self.resolve()
+        except Exception:  # noqa: BLE001 - no primary known right now: the socket's own errors will tell
+            return
+        finally:
+            self._checked_at = time.monotonic()
+            self._checking = None
+        if (host, int(port)) != (self.host, int(self.port)) and conn is not None and conn is self._conn:
+            # Every call on it fails as on a lost socket and is sent again on a fresh connection
+            # (the scripts are idempotent by request id).
+            conn._fail(RedisConnectionError(
+                f"{self.host}:{self.port} is no longer the primary: the sentinels name {host}:{port}"))
 
     def send_now(self, commands: Sequence[Sequence[Any]], handlers: Sequence[Handler]) -> bool:
         """Write ``commands`` at once on the open connection, each reply going to its handler (an

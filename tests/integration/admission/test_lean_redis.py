@@ -1,12 +1,15 @@
 """The counter scripts' lean Redis connection (lean_redis.py) against a real Redis: replies in
 order and decoded like redis-py's, error replies in place, the URL's database, a dropped socket
-replaced, a caller that gives up leaving the others' replies intact, TLS left to redis-py."""
+replaced, a caller that gives up leaving the others' replies intact, TLS left to redis-py, and a
+primary the sentinels no longer name left even while it still answers as one."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from decimal import Decimal
+from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from trex_serve.admission.lean_redis import LeanRedis, pack
+from trex_serve.local.embedded import free_port, start_redis
 
 
 def _db(url: str, db: int) -> str:
@@ -79,3 +83,61 @@ def test_tls_urls_stay_on_redis_py():
     assert LeanRedis.for_client(aioredis.Redis.from_url("rediss://127.0.0.1:6390/0")) is None
     lean = LeanRedis.for_client(aioredis.Redis.from_url("unix:///tmp/r.sock?db=2"))
     assert lean is not None and (lean.path, lean.db, lean.encoding) == ("/tmp/r.sock", 2, None)
+
+
+@pytest.fixture
+def two_primaries(redis_url, tmp_path):
+    """Ports of two Redis servers that both answer as the primary: what a gateway meets when the
+    sentinels promote a replica while the old primary is still up (a partition, or a second
+    failover that deposes the primary promoted a moment before)."""
+    port = free_port()
+    proc = start_redis(port, tmp_path / "second")
+    yield urlparse(redis_url).port, port
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def _sentinels(named: list[int]):
+    async def resolve() -> tuple[str, int]:
+        return "127.0.0.1", named[-1]
+    return resolve
+
+
+async def _server_port(lean: LeanRedis) -> int:
+    (reply,) = await lean.execute([("CONFIG", "GET", "port")])
+    return int(reply[1])
+
+
+async def test_calls_leave_a_primary_the_sentinels_no_longer_name_while_it_still_answers(two_primaries):
+    old, new = two_primaries
+    named = [old]
+    lean = LeanRedis(resolve=_sentinels(named), recheck_s=0.05)
+    try:
+        assert await _server_port(lean) == old
+        named.append(new)  # the old primary stays up and keeps answering as a primary
+        landed: list[int] = []
+        deadline = time.monotonic() + 2
+        while (not landed or landed[-1] != new) and time.monotonic() < deadline:
+            try:
+                landed.append(await _server_port(lean))
+            except RedisConnectionError:  # the call in flight when the socket was dropped
+                pass
+            await asyncio.sleep(0.01)
+        assert landed and landed[-1] == new, f"still writing to the deposed primary after 2 s: {landed[-5:]}"
+        assert await _server_port(lean) == new
+    finally:
+        lean.close()
+
+
+async def test_the_first_call_after_an_idle_spell_asks_the_sentinels_first(two_primaries):
+    old, new = two_primaries
+    named = [old]
+    lean = LeanRedis(resolve=_sentinels(named), recheck_s=0.05)
+    try:
+        assert await _server_port(lean) == old
+        named.append(new)
+        await asyncio.sleep(0.2)  # idle: nothing asked the sentinels meanwhile
+        assert lean.ready() is None, "a write without an await would go to the deposed primary"
+        assert await _server_port(lean) == new
+    finally:
+        lean.close()
