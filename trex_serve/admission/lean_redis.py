@@ -281,6 +281,10 @@ class LeanRedis:
         return [await f for f in futs]
 
     def close(self) -> None:
+        if self._checking is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already closed: nothing left to stop
+                self._checking.cancel()
+            self._checking = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
