@@ -109,10 +109,12 @@ async def _reap(store: CounterStore, sset: SentinelSet) -> None:
     reply the lost connection never delivered): admit again until none is left on the primary the
     sentinels name now. That may not be the one promoted first: on a busy machine the sentinels
     sometimes depose it a second later and promote the other replica, while it still answers as a
-    primary (docs/RELIABILITY.md, section 8); the store follows them within its recheck."""
+    primary (docs/RELIABILITY.md, section 8); the store follows them within its recheck (1 s).
+    The sentinels themselves make the deposed one a replica only ~10 s later: a longer deadline
+    would hide a store that stays on it until then."""
     await asyncio.sleep(LEASE_S + 0.5)
     for k in range(KEYS):
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 3
         while True:
             rid = uuid.uuid4().hex
             assert (await store.admit(AdmitRequest(rid, f"key{k}", "acct", billing="credits"))).ok
