@@ -10,14 +10,18 @@ round trip per batch, not per request.
 
 What a caller sees when the replicas do not acknowledge in time (``NotReplicated``):
 - an admission fails closed (503 ``counter_store_unavailable``): no upstream is called. What the
-  primary counted (an RPM slot, a lease) expires or is reaped as for a dead replica.
-- a settlement is sent again (counters.py ``_call``), with a short backoff, until it is
+  primary counted is given back at once (a settlement as failed, counters.py ``_admit_call``);
+  an RPM slot stays counted, and a lease the give-back cannot reach is reaped when it expires.
+- a settlement is sent again (durable_calls.py ``_replicated``), with a short backoff, until it is
   acknowledged or its deadline passes. That is safe because the admission it settles was itself
   acknowledged (it is on every replica that acknowledged it) and settle.lua consumes that record
   atomically: on a promoted replica that never saw the first settlement it charges now; where the
   first one survived, the retry finds nothing to settle and the first answer stands. A whole
-  answer leaves only once its settlement is acknowledged (``sent`` resolves then); past the
-  deadline the request answers 503 and its charge stands only if the old primary's write survives.
+  answer leaves only once its settlement is acknowledged (``sent`` resolves then). Past the
+  deadline, a settlement the last attempt found on a primary (applied, not acknowledged: a new
+  primary with no replica attached yet) stands and the request is answered: a 503 there would
+  charge a client for an answer it never got. If the last attempt reached no primary, the
+  request answers 503 and its charge stands only if some earlier write of it survives.
 - the failed-auth throttle does not wait: a count lost in a failover costs nothing.
 
 Off by default (``TREX_REDIS_WAIT_REPLICAS=0``): docs/RELIABILITY.md has the measured cost and the

@@ -44,7 +44,8 @@ from trex_serve.admission.counter_records import (
 )
 from trex_serve.admission.counter_scripts import ScriptCaller, _now_arg, _opt
 from trex_serve.admission.redis_urls import async_client, close_async
-from trex_serve.redis_durability import Durability
+from trex_serve.errors import ServiceUnavailable
+from trex_serve.redis_durability import Durability, NotReplicated
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class CounterStore(ScriptCaller):
         # Set when shutting down: background loops end on it even if redis-py swallows a cancellation.
         self.closing = False
         self.record_ttl_s = record_ttl_s
+        self._releases: set[asyncio.Task] = set()  # refused admissions' leases being given back
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "trex:", **kwargs: Any) -> CounterStore:
@@ -111,6 +113,8 @@ class CounterStore(ScriptCaller):
 
     async def aclose(self) -> None:
         self.closing = True
+        for task in list(self._releases):
+            task.cancel()
         if self._lean is not None:
             self._lean.close()
         await close_async(self.client)
@@ -159,11 +163,29 @@ class CounterStore(ScriptCaller):
             repr(float(req.alert_at or 0.0)),
             int(self.record_ttl_s),
         ]
-        result = _parse_admit(req, await self._call("admit", args))
+        result = _parse_admit(req, await self._admit_call(req.request_id, args))
         if result.code == BALANCE_MISSING and balance_loader is not None:
             await self.ensure_balance(req.account_id, int(await balance_loader(req.account_id)))
-            result = _parse_admit(req, await self._call("admit", args))
+            result = _parse_admit(req, await self._admit_call(req.request_id, args))
         return result
+
+    async def _admit_call(self, request_id: str, args: list[Any]) -> Any:
+        try:
+            return await self._call("admit", args)
+        except ServiceUnavailable as exc:
+            not_replicated = exc.__cause__
+            if isinstance(not_replicated, NotReplicated) and int(not_replicated.reply[0]) == 1:
+                # The primary admitted it, no replica acknowledged it in time, and the client is
+                # refused: its slot and reservation come back now, not when its lease expires.
+                task = asyncio.get_running_loop().create_task(self._release_refused(request_id))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+            raise
+
+    async def _release_refused(self, request_id: str) -> None:
+        with contextlib.suppress(ServiceUnavailable):  # unreachable now: its lease is reaped later
+            await self.settle(SettleRequest(request_id, success=False,
+                                            reason="admission not acknowledged by Redis replicas"))
 
     async def settle(self, req: SettleRequest, sent: asyncio.Future | None = None) -> SettleResult:
         """Release the lease and settle quota or credits in one round trip; idempotent. A charge's

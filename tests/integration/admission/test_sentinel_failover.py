@@ -232,3 +232,34 @@ async def test_a_durable_settlement_is_sent_only_once_replicas_hold_it(sentinels
         await store.aclose()
     charges, balance, _ = _ledger(sentinels, prefix)
     assert charges == Counter({"r1": 1}) and INITIAL - balance == CHARGE
+
+
+async def test_past_its_deadline_a_settlement_the_primary_holds_stands_and_a_refused_admission_gives_back(sentinels):
+    """No replica acknowledges (replication cut, no failover: a second failover's new primary left
+    without replicas looks the same). A settlement the primary holds stands once its deadline
+    passes: refusing that request would charge a client for an answer it never got. An admission
+    the primary made but no replica acknowledged is refused, and its lease and reservation come
+    back at once, not when the lease expires minutes later."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store = CounterStore.from_url(sentinels.url(), prefix,
+                                  durability=Durability(1, timeout_ms=100, settle_deadline_s=0.6))
+    lease_key = store._k("lease", "key")
+    try:
+        await store.ensure_balance("acct", INITIAL)
+        admit = AdmitRequest("r1", "key", "acct", billing="credits", reserve_micro=1500, lease_ttl_s=300)
+        assert (await store.admit(admit)).ok
+        sentinels.cut_replication()
+        settled = await store.settle(SettleRequest("r1", charge_micro=CHARGE))
+        assert settled.charged_micro == CHARGE
+        with pytest.raises(ServiceUnavailable, match="acknowledged by 0 of the 1"):
+            await store.admit(AdmitRequest("r2", "key", "acct", billing="credits", reserve_micro=1500,
+                                           lease_ttl_s=300))
+        primary = redis.Redis(port=sentinels.primary())
+        deadline = time.monotonic() + 5
+        while primary.zcard(lease_key) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not primary.zcard(lease_key), "the refused admission's lease is still held"
+    finally:
+        await store.aclose()
+    charges, balance, unbooked = _ledger(sentinels, prefix)
+    assert charges == Counter({"r1": 1}) and INITIAL - balance == CHARGE == unbooked
