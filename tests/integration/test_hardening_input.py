@@ -8,7 +8,9 @@ unchanged, and no upstream call made.
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +39,13 @@ class State:
 
     def __init__(self, gw, acc, key):
         self.gw, self.acc, self.key = gw, acc, key
+        self.first_window = math.floor(time.time() / 60)
+
+    async def _rpm(self, c) -> int:
+        """The key's RPM counts summed over every minute window since this snapshot's first: a
+        window that turns between two snapshots changes nothing, a request counted changes it."""
+        now = math.floor(time.time() / 60)
+        return sum([await c.rpm_used(self.key["id"], now=w * 60.0) for w in range(self.first_window, now + 1)])
 
     async def snap(self):
         c = self.gw.runtime.counters
@@ -45,7 +54,7 @@ class State:
         logs = (await self.gw.get(f"/admin/v1/accounts/{self.acc['id']}/logs?limit=1000", headers=OP)).json()
         stats = {n: m.stats()["requests"] for n, m in self.gw.mocks.items()}
         return {"quota": await c.quota_usage(self.acc["id"]), "inflight": await c.inflight(self.key["id"]),
-                "rpm": await c.rpm_used(self.key["id"]), "balance": await c.get_balance(self.acc["id"]),
+                "rpm": await self._rpm(c), "balance": await c.get_balance(self.acc["id"]),
                 "ledger": self.gw.runtime.repo.ledger_sum(self.acc["id"]),
                 "logs": {row["request_id"]: row for row in logs["data"]}, "upstream": stats}
 
