@@ -141,6 +141,8 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
                 rows.append((result["rps"], ingress, pool_ms, gc_ms))
                 print(f"  {result['rps']:7.0f} req/s  ingress {ingress:.3f} ms (of which GC {gc_ms:.3f})  "
                       f"pool {pool_ms:.3f} ms CPU/request", flush=True)
+            if args.profile:
+                await profile_round(args, url, key, headers)
             await server.stop()
             await admin.aclose()
     finally:
@@ -148,6 +150,34 @@ async def measure(args: argparse.Namespace, home: Path) -> list[tuple[float, flo
             proc.kill()
             proc.wait()
     return rows
+
+
+async def profile_round(args: argparse.Namespace, url: str, key: str, headers: dict[str, str]) -> None:
+    """One more round under cProfile (this process's loop only): the functions that take the
+    ingress's time, with their calls per request. cProfile slows every call, so its times are
+    shares, not figures to compare with the rounds above."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    result = await asyncio.to_thread(wrk, url, args.connections, args.duration, BODY, key, headers)
+    prof.disable()
+    served = result["rps"] * args.duration
+    prof.dump_stats(args.profile)
+    stats = pstats.Stats(prof)
+    calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+    print(f"\nprofiled round: {result['rps']:.0f} req/s, {calls / served:.0f} Python calls per request; "
+          f"the top functions by own time (pstats in {args.profile}):")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:args.profile_top]  # type: ignore[attr-defined]
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    for (file, line, name), (_cc, nc, tt, _ct, _callers) in rows:
+        where = f"{Path(file).name}:{line}" if line else file
+        print(f"  {tt / total * 100:5.1f} %  {nc / served:6.1f}/req  {name}  ({where})")
+    print("our functions by time including callees (coroutines count each resumption as a call):")
+    ours = [kv for kv in stats.stats.items() if "trex_serve" in kv[0][0]]  # type: ignore[attr-defined]
+    for (file, line, name), (_cc, nc, _tt, ct, _callers) in sorted(ours, key=lambda kv: -kv[1][3])[:args.profile_top]:
+        print(f"  {ct / total * 100:5.1f} %  {nc / served:6.1f}/req  {name}  ({Path(file).name}:{line})")
 
 
 def main() -> int:
@@ -162,6 +192,8 @@ def main() -> int:
                     help="settled: gc_settings.settle_heap() in both processes, as the deployments do")
     ap.add_argument("--batch-sched", action="store_true", help="the two Python processes under SCHED_BATCH")
     ap.add_argument("--redis-unix", action="store_true", help="Redis on a Unix socket, not TCP loopback")
+    ap.add_argument("--profile", metavar="FILE", help="one more round under cProfile; pstats written to FILE")
+    ap.add_argument("--profile-top", type=int, default=40)
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is required: apt-get install wrk")
