@@ -25,7 +25,8 @@ from trex_serve.conversations.service import StoredResponses
 from trex_serve.conversations.store import ResponseStore
 from trex_serve.hop.contract import ProviderCaller
 from trex_serve.observability import tracing
-from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange, metrics_response
+from trex_serve.observability.metrics import GatewayMetrics
+from trex_serve.observability.metrics_exchange import MetricsExchange, metrics_response
 from trex_serve.observability.request_record import RequestRecord
 from trex_serve.routing.managed_key_caller import KeyedCaller, KeyMetrics
 from trex_serve.routing.upstream_keys import KeyStore

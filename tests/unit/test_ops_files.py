@@ -17,7 +17,8 @@ from redis.backoff import NoBackoff
 
 from tests import ops_files
 from trex_serve.local.embedded import free_port
-from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange
+from trex_serve.observability.metrics import GatewayMetrics
+from trex_serve.observability.metrics_exchange import MetricsExchange
 from trex_serve.observability.request_record import RequestRecord
 from trex_serve.routing.health import TargetHealth
 from trex_serve.routing.resolve import RoutingTable

@@ -14,7 +14,7 @@ from typing import Any
 
 from trex_serve.admission.counters import CounterStore
 from trex_serve.billing.durable_streams import stream_key
-from trex_serve.observability.metrics import RECONCILE_KEY
+from trex_serve.observability.metrics_exchange import RECONCILE_KEY
 from trex_serve.settings import Settings
 from trex_serve.store.database import create_engine
 from trex_serve.store.repository import Repository

@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from trex_serve.observability.metrics import CONTENT_TYPE_LATEST, GatewayMetrics, MetricsExchange, metrics_response
+from trex_serve.observability.metrics import GatewayMetrics
+from trex_serve.observability.metrics_exchange import CONTENT_TYPE_LATEST, MetricsExchange, metrics_response
 from trex_serve.observability.request_record import RequestRecord
 from trex_serve.routing.health import TargetHealth
 from trex_serve.routing.resolve import RoutingTable

@@ -9,7 +9,8 @@ import redis.asyncio as aioredis
 from tests.integration.gateway import OP, account, chat, new_key
 from tests.integration.observability.test_metrics import value
 from trex_serve.local.embedded import free_port
-from trex_serve.observability.metrics import GatewayMetrics, MetricsExchange
+from trex_serve.observability.metrics import GatewayMetrics
+from trex_serve.observability.metrics_exchange import MetricsExchange
 
 
 @pytest.fixture
