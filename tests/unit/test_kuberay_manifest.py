@@ -78,7 +78,8 @@ def test_every_pod_has_the_same_environment_with_secrets_from_kubernetes(manifes
     for name in SECRETS:
         assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "trex-secrets", name
     for name, value in {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                        "RAY_worker_niceness": "0", "TREX_REDIS_WAIT_REPLICAS": "1"}.items():
+                        "RAY_worker_niceness": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+                        "TREX_REDIS_WAIT_REPLICAS": "1"}.items():
         assert env[name]["value"] == value, name
     front = [c for c in containers if c["name"] == "front-proxy"]
     assert len(front) == 2 and all("--serve-port" in c["command"] and "8001" in c["command"] for c in front)

