@@ -109,8 +109,8 @@ class Runtime:
         drainer = StreamDrainer(client, prefix, name, write, consumer=self.consumer,
                                 claim_idle_ms=self.settings.stream_claim_idle_ms)
         # wake_at=1: each event-loop turn's rows leave for Redis together, right after the turn.
-        writer = (BatchWriter(name, appender(client, prefix, name, self.counters.durability), wake_at=1)
-                  if with_writer else None)
+        writer = (BatchWriter(name, appender(client, prefix, name, self.counters.durability, self.counters.lean),
+                              wake_at=1) if with_writer else None)
         return DurableChannel(drainer, writer)
 
     def _risk_event(self, row: dict[str, Any]) -> None:

@@ -263,6 +263,11 @@ class ScriptCaller(DurableCalls):
                 results[i] = r
         return results
 
+    @property
+    def lean(self) -> LeanRedis | None:
+        """The lean connection the scripts go over (None: redis-py's pool), for other hot writes."""
+        return self._lean
+
     def _can_write_now(self) -> bool:
         return self._lean is not None and self._lean.ready() is not None
 

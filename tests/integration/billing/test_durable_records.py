@@ -219,11 +219,16 @@ async def test_rows_wait_in_redis_while_the_database_refuses_writes(store, datab
     assert (drainer.backlog, drainer.unacked) == (0, 0)
 
 
-async def test_duplicate_delivery_of_logs_and_risk_events_inserts_once(store):
+@pytest.mark.parametrize("connection", ["lean", "redis-py"])
+async def test_duplicate_delivery_of_logs_and_risk_events_inserts_once(store, connection):
+    """Rows appended over the lean connection (as the gateway does) or redis-py's pipeline read
+    back the same."""
     repo, counters = store
     acc = repo.create_account("a", "free")["id"]
+    lean = counters.lean if connection == "lean" else None
+    assert lean is not None or connection == "redis-py"
     for name, write in (("logs", repo.insert_logs), ("risk", repo.add_risk_events)):
-        put = appender(counters.client, counters.prefix, name)
+        put = appender(counters.client, counters.prefix, name, lean=lean)
         rows = [{"request_id": f"req_{name}_{i}", "account_id": acc, "api": "chat", "status": 200,
                  "model_requested": "m", "kind": "spend_alert", "event_id": f"evt_{name}_{i}",
                  "detail": {"i": i}, "created_at": time.time()} for i in range(4)]
@@ -237,8 +242,11 @@ async def test_duplicate_delivery_of_logs_and_risk_events_inserts_once(store):
         second = StreamDrainer(counters.client, counters.prefix, name, write, consumer="second", claim_idle_ms=0)
         assert await second.drain_once() and second.claimed == 4  # ... so it is delivered again
         assert await pending_count(counters, name) == 0
-    assert len(repo.query_logs(acc, limit=100)) == 4
-    assert len(repo.list_risk_events(acc, limit=100)) == 4
+    logs = repo.query_logs(acc, limit=100)
+    assert sorted(r["request_id"] for r in logs) == [f"req_logs_{i}" for i in range(4)]
+    assert {r["model_requested"] for r in logs} == {"m"}
+    events = repo.list_risk_events(acc, limit=100)
+    assert sorted(e["detail"]["i"] for e in events) == [0, 1, 2, 3]
 
 
 async def eventually(check, timeout: float = 15.0, interval: float = 0.1) -> None:
