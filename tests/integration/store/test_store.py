@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -391,3 +391,105 @@ def test_insert_logs_accepts_request_records(repo):
     assert [r["request_id"] for r in rows] == ["req_rec"]
     assert rows[0]["stream"] is True and rows[0]["credits_charged_micro"] == 1234 and rows[0]["attempts"] == 2
     assert abs(datetime.fromisoformat(rows[0]["created_at"]).timestamp() - rec.created_at) < 0.01
+
+
+def _stored_log(request_id: str, account_id: str, created_at: str, **extra) -> dict:
+    """What ``query_logs`` returns for a row that set only ``extra`` (the defaults otherwise)."""
+    row = {
+        "id": None, "request_id": request_id, "account_id": account_id, "key_id": None, "key_prefix": None,
+        "created_at": created_at, "api": None, "model_requested": None, "provider": None, "model_served": None,
+        "attempts": 0, "status": 0, "error_code": None, "latency_ms": 0.0, "ttfb_ms": None, "tokens_in": 0,
+        "tokens_out": 0, "tokens": {"input": 0, "cache_read": 0, "cache_write": 0, "cache_write_1h": 0,
+                                    "output": 0, "reasoning": 0},
+        "billing": None, "credits_charged_micro": 0, "credits_charged": 0.0, "stream": False, "cache": None,
+        "prompt_text": None, "completion_text": None,
+    }
+    row.update(extra)
+    return row
+
+
+def test_insert_logs_stores_every_column_type(repo, engine):
+    """Pins what a log row becomes, column by column, on both databases: timestamps given as aware
+    or naive datetimes, epoch seconds or ISO text (stored in UTC), None taking the column defaults,
+    over-long or non-text values clipped to their column, unknown keys ignored, prompt/completion
+    text kept only for an opted-in account, and a request_id already written (in the same batch or
+    an earlier one) skipped."""
+    a = repo.create_account("A", "free")["id"]
+    b = repo.create_account("B", "free", log_content=True)["id"]
+    full = {
+        "request_id": "req_full", "account_id": b, "key_id": "key_1", "key_prefix": "trex-abcdefg",
+        "created_at": datetime(2025, 3, 4, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2))),
+        "api": "chat", "model_requested": "gpt-4o", "provider": "openai", "model_served": "gpt-4o-2024",
+        "attempts": 3, "status": 200, "error_code": None, "latency_ms": 12.5, "ttfb_ms": 3.25, "tokens_in": 1000,
+        "tokens_out": 200, "tokens_cache_read": 100, "tokens_cache_write": 50, "tokens_cache_write_1h": 25,
+        "tokens_reasoning": 40, "billing": "credits", "credits_charged": 5_000_000_000, "stream": True,
+        "cache": "hit", "prompt_text": "p" * 10000, "completion_text": "done",
+        "attempt_detail": [{"provider": "openai", "status": 200}], "fallbacks": 1, "client_ip": "10.0.0.1",
+    }
+    epoch = {"request_id": "req_epoch", "account_id": a, "created_at": 1735689600.25, "stream": False,
+             "attempts": None, "status": None, "latency_ms": None, "ttfb_ms": None, "tokens_in": None,
+             "tokens_out": None, "credits_charged": None, "key_id": None, "api": None,
+             "prompt_text": "secret", "completion_text": None, "attempt_detail": []}
+    iso = {"request_id": "req_iso", "account_id": a, "created_at": "2025-01-02T03:04:05Z", "stream": None,
+           "latency_ms": 7}
+    iso_offset = {"request_id": "req_iso_offset", "account_id": a, "created_at": "2025-01-02T05:04:05.5+02:00",
+                  "completion_text": "not opted in"}
+    naive = {"request_id": "req_naive", "account_id": a, "created_at": datetime(2025, 1, 3)}
+    long = {"request_id": "req_long", "account_id": a, "created_at": datetime(2025, 1, 4, tzinfo=UTC),
+            "model_requested": "m" * 5000, "model_served": "s" * 300, "error_code": "e" * 200,
+            "key_prefix": "k" * 100, "key_id": "i" * 70, "api": "a" * 40, "provider": 12345, "billing": "b" * 30,
+            "cache": "c" * 20, "status": 502}
+    same_batch_dup = {"request_id": "req_iso", "account_id": a, "created_at": "2026-01-01T00:00:00Z", "status": 418}
+    skipped = [{"request_id": "req_anon", "account_id": None}, {"request_id": "", "account_id": a},
+               {"account_id": a}]
+    before = datetime.now(UTC)
+    repo.insert_logs([full, epoch, iso, iso_offset, naive, long, same_batch_dup, *skipped,
+                      {"request_id": "req_bad_time", "account_id": a, "created_at": "not a time"}])
+    after = datetime.now(UTC)
+    repo.insert_logs([dict(full, status=500, completion_text="changed"), dict(epoch, status=201)])  # both skipped
+    repo.insert_logs(skipped)  # nothing to write
+
+    [stored_b] = repo.query_logs(b)
+    assert dict(stored_b, id=None) == _stored_log(
+        "req_full", b, "2025-03-04T05:08:09.123456Z", key_id="key_1", key_prefix="trex-abcdefg",
+        api="chat", model_requested="gpt-4o", provider="openai", model_served="gpt-4o-2024", attempts=3,
+        status=200, latency_ms=12.5, ttfb_ms=3.25, tokens_in=1000, tokens_out=200,
+        tokens={"input": 825, "cache_read": 100, "cache_write": 50, "cache_write_1h": 25, "output": 200,
+                "reasoning": 40},
+        billing="credits", credits_charged_micro=5_000_000_000, credits_charged=5000.0, stream=True, cache="hit",
+        prompt_text="p" * 10000, completion_text="done")
+
+    rows = repo.query_logs(a, limit=100)
+    bad_time = rows.pop(0)
+    assert bad_time["request_id"] == "req_bad_time"  # an unreadable timestamp: the time of writing
+    assert before <= datetime.fromisoformat(bad_time["created_at"]) <= after
+    assert [dict(r, id=None) for r in rows] == [
+        _stored_log("req_long", a, "2025-01-04T00:00:00Z", model_requested="m" * 256, model_served="s" * 256,
+                    error_code="e" * 64, key_prefix="k" * 32, key_id="i" * 64, api="a" * 32, provider="12345",
+                    billing="b" * 16, cache="c" * 8, status=502),
+        _stored_log("req_naive", a, "2025-01-03T00:00:00Z"),
+        _stored_log("req_iso_offset", a, "2025-01-02T03:04:05.500000Z"),
+        _stored_log("req_iso", a, "2025-01-02T03:04:05Z", latency_ms=7.0),
+        _stored_log("req_epoch", a, "2025-01-01T00:00:00.250000Z"),
+    ]
+
+    # How the timestamp and the flag are stored: SQLite text in UTC without an offset, 0/1;
+    # PostgreSQL timestamptz and boolean.
+    with engine.connect() as conn:
+        stored = {r[0]: r[1:] for r in conn.exec_driver_sql(
+            "SELECT request_id, created_at, stream FROM request_logs WHERE request_id != 'req_bad_time'")}
+    if engine.dialect.name == "sqlite":
+        assert stored == {
+            "req_full": ("2025-03-04 05:08:09.123456", 1), "req_epoch": ("2025-01-01 00:00:00.250000", 0),
+            "req_iso": ("2025-01-02 03:04:05.000000", 0), "req_iso_offset": ("2025-01-02 03:04:05.500000", 0),
+            "req_naive": ("2025-01-03 00:00:00.000000", 0), "req_long": ("2025-01-04 00:00:00.000000", 0),
+        }
+    else:
+        assert stored == {
+            "req_full": (datetime(2025, 3, 4, 5, 8, 9, 123456, tzinfo=UTC), True),
+            "req_epoch": (datetime(2025, 1, 1, 0, 0, 0, 250000, tzinfo=UTC), False),
+            "req_iso": (datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC), False),
+            "req_iso_offset": (datetime(2025, 1, 2, 3, 4, 5, 500000, tzinfo=UTC), False),
+            "req_naive": (datetime(2025, 1, 3, tzinfo=UTC), False),
+            "req_long": (datetime(2025, 1, 4, tzinfo=UTC), False),
+        }
