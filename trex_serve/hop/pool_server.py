@@ -14,8 +14,10 @@ import orjson
 from trex_serve.catalog import Provider
 from trex_serve.hop import contract as hop
 from trex_serve.hop import pool_tracing
+from trex_serve.hop.lean_client import AnswerCut, AnswerTooLarge
 from trex_serve.hop.lean_messages import Request, Response, StreamResponse
 from trex_serve.hop.lean_server import LeanServer
+from trex_serve.hop.upstream_client import ConnectFailed, UpstreamAnswer, UpstreamClient, proxied
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
 
@@ -82,6 +84,7 @@ class PoolServer:
         self.max_connections = max_connections
         self.inflight = 0
         self.session: aiohttp.ClientSession | None = None
+        self.lean: UpstreamClient | None = None  # whole answers; None: aiohttp's session for all
         self._server: LeanServer | None = None
         self.port: int | None = None
 
@@ -93,6 +96,8 @@ class PoolServer:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              cookie_jar=aiohttp.DummyCookieJar(),
                                              skip_auto_headers=("User-Agent",))
+        if not proxied():
+            self.lean = UpstreamClient(self.max_connections)
         tracing.setup("pool")
         self._server = LeanServer(self._route, MAX_HOP_BODY_BYTES)
         self.port = await self._server.start(host, port)
@@ -109,6 +114,8 @@ class PoolServer:
                     time.monotonic() - started < grace or self.inflight):
                 await asyncio.sleep(0.05)
             await self._server.stop()
+        if self.lean is not None:
+            await self.lean.close()
         if self.session is not None:
             await self.session.close()
 
@@ -164,7 +171,7 @@ class PoolServer:
             return _failure(400, "bad_request", "The request body is nested too deeply.")
         tracing.inject(call.headers)
         started = time.monotonic()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)
+        target = None if stream or self.lean is None else self.lean.target(call.url)
 
         def outcome(ok: bool, status: int, retry_after: float | None = None) -> None:
             if key_id and status in (401, 403, 429):
@@ -174,15 +181,20 @@ class PoolServer:
 
         try:
             async with asyncio.timeout(provider.first_byte_timeout):
-                upstream = await self.session.post(call.url, data=call.body, headers=call.headers,  # type: ignore[union-attr]
-                                                   timeout=timeout)
+                if target is not None:
+                    upstream = await self.lean.post(target, call.headers, call.body,  # type: ignore[union-attr]
+                                                    provider.connect_timeout_s, MAX_RESPONSE_BYTES)
+                else:
+                    timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s)
+                    upstream = await self.session.post(call.url, data=call.body, headers=call.headers,  # type: ignore[union-attr]
+                                                       timeout=timeout)
         except TimeoutError:
             outcome(False, 504)
             return _failure(504, "first_byte_timeout", f"{provider.name} sent no answer in time")
-        except aiohttp.ClientConnectorError:
+        except (aiohttp.ClientConnectorError, ConnectFailed):
             outcome(False, 502)
             return _failure(502, "connect", f"cannot connect to {provider.name}")
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (aiohttp.ClientError, ConnectionError, AnswerCut) as exc:
             outcome(False, 502)
             return _failure(502, "reset", f"{provider.name} closed the connection: {type(exc).__name__}")
         try:
@@ -203,8 +215,11 @@ class PoolServer:
         retry_after = _retry_after(upstream.headers)
         try:
             async with asyncio.timeout(provider.timeout_s):
-                raw = await upstream.content.read(64 * 1024)
-        except (TimeoutError, aiohttp.ClientError):
+                if isinstance(upstream, UpstreamAnswer):
+                    raw = (await upstream.read())[:64 * 1024]
+                else:
+                    raw = await upstream.content.read(64 * 1024)
+        except (TimeoutError, aiohttp.ClientError, AnswerCut):
             raw = b""
         err = adapter.translate_error(upstream.status, raw)
         status = upstream.status
@@ -221,16 +236,21 @@ class PoolServer:
     async def _whole(self, upstream, adapter, provider, api, outcome, started) -> Response:
         try:
             async with asyncio.timeout(max(0.1, provider.timeout_s - (time.monotonic() - started))):
-                raw = await upstream.content.read(MAX_RESPONSE_BYTES + 1)
-                while not upstream.content.at_eof() and len(raw) <= MAX_RESPONSE_BYTES:
-                    raw += await upstream.content.read(MAX_RESPONSE_BYTES + 1 - len(raw))
+                if isinstance(upstream, UpstreamAnswer):
+                    raw: bytes | None = await upstream.read()
+                else:
+                    raw = await upstream.content.read(MAX_RESPONSE_BYTES + 1)
+                    while not upstream.content.at_eof() and len(raw) <= MAX_RESPONSE_BYTES:
+                        raw += await upstream.content.read(MAX_RESPONSE_BYTES + 1 - len(raw))
         except TimeoutError:
             outcome(False, 504)
             return _failure(504, "timeout", f"{provider.name} did not finish in {provider.timeout_s}s")
-        except (aiohttp.ClientError, ConnectionError):
+        except AnswerTooLarge:
+            raw = None  # the lean client stops reading at MAX_RESPONSE_BYTES
+        except (aiohttp.ClientError, ConnectionError, AnswerCut):
             outcome(False, 502)
             return _failure(502, "reset", f"{provider.name} closed the connection mid-answer")
-        if len(raw) > MAX_RESPONSE_BYTES:
+        if raw is None or len(raw) > MAX_RESPONSE_BYTES:
             outcome(False, 502)
             return _failure(502, "bad_response", f"{provider.name} answer exceeds {MAX_RESPONSE_BYTES} bytes")
         try:
