@@ -1,4 +1,5 @@
-"""Why the pool talks to upstreams with aiohttp: the same requests, at the same concurrency, against
+"""Why the pool chose aiohttp over httpx for upstreams (streams still use it; whole answers now go
+over hop/upstream_client.py): the same requests, at the same concurrency, against
 the same mock upstream, through aiohttp's pool and through httpx's own pool, in one run.
 
     .venv/bin/python scripts/bench_upstream_client.py [--requests 4000] [--concurrency 32]
