@@ -273,6 +273,8 @@ class Connection(asyncio.Protocol):
         close = self.must_close(request)
         body = response.body
         data = head(response.status, response.headers, f"Content-Length: {len(body)}\r\n", close)
+        if request.method == "HEAD":  # the length a GET's body would have, and no body (RFC 9110 9.3.2)
+            body = b""
         if len(body) < 16384:
             self.send(data + body)
         else:  # no copy of a large body

@@ -263,3 +263,16 @@ async def test_expect_100_continue_is_answered_before_the_body(served):
     answer = await read_answer(reader)
     assert answer.status == 200 and answer.body == b"POST /up? 3"
     writer.close()
+
+
+async def test_a_head_request_gets_the_head_alone_and_the_connection_stays_in_step(served):
+    """A body after a HEAD's answer would be read by the client as the start of the next answer."""
+    server, _ = served
+    reader, writer = await _connect(server)
+    writer.write(b"HEAD /page HTTP/1.1\r\nHost: x\r\n\r\n" + _get("/next", "Connection: close\r\n"))
+    data = await asyncio.wait_for(reader.read(), 5)  # the server closes after the second
+    head, _, rest = data.partition(b"\r\n\r\n")
+    # The length the body would have (b"HEAD /page? 0"), as for a GET; no body follows.
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 13\r\n" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK"), rest[:80]
+    assert rest.endswith(b"GET /next? 0")
