@@ -17,6 +17,7 @@ from trex_serve.hop import pool_tracing
 from trex_serve.hop.lean_client import AnswerCut, AnswerTooLarge
 from trex_serve.hop.lean_messages import Request, Response, StreamResponse
 from trex_serve.hop.lean_server import LeanServer
+from trex_serve.hop.pool_failures import failure_response, redact, redacted, upstream_retry_after
 from trex_serve.hop.upstream_client import ConnectFailed, UpstreamAnswer, UpstreamClient, proxied
 from trex_serve.observability import tracing
 from trex_serve.providers.registry import adapter_for
@@ -37,42 +38,6 @@ def max_stream_seconds(provider: Provider) -> float:
 
 class _EventTooLarge(Exception):
     pass
-
-
-def redact(text: str, secret: str | None) -> str:
-    """Upstreams sometimes quote the credential they were sent in an error message ("Incorrect API
-    key provided: sk-..."): the key never travels further than the pool."""
-    if not text or not secret or len(secret) < 6:
-        return text
-    if secret in text:
-        text = text.replace(secret, "[redacted]")
-    # Partial quotes (a long prefix or suffix) are as good as the key for guessing: cut them too.
-    for part in {secret[:len(secret) // 2], secret[-(len(secret) // 2):]}:
-        if len(part) >= 8 and part in text:
-            text = text.replace(part, "[redacted]")
-    return text
-
-
-def _redacted(text: str | None, secret: str | None) -> str | None:
-    return None if text is None else redact(text, secret)
-
-
-def _failure(status: int, failure: str, message: str, retry_after: float | None = None) -> Response:
-    headers = {hop.H_FAILURE: failure}
-    if retry_after is not None:
-        headers["Retry-After"] = str(int(retry_after))
-    body = orjson.dumps({"error": {"message": message, "type": "upstream_error", "code": failure}})
-    return Response(status=status, body=body, headers=headers, content_type="application/json")
-
-
-def _retry_after(headers) -> float | None:
-    raw = headers.get("Retry-After")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        return None
 
 
 class PoolServer:
@@ -146,7 +111,7 @@ class PoolServer:
         h = request.headers
         provider = self.providers.get(h.get(hop.H_PROVIDER, ""))
         if provider is None:
-            return _failure(502, "bad_response", "unknown provider on this pool")
+            return failure_response(502, "bad_response", "unknown provider on this pool")
         model = h.get(hop.H_MODEL, "")
         api = h.get(hop.H_API, "chat")
         stream = h.get(hop.H_STREAM) == "1"
@@ -155,12 +120,12 @@ class PoolServer:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _failure(400, "bad_request", "hop body is not JSON")
+            return failure_response(400, "bad_request", "hop body is not JSON")
         key_id = h.get(hop.H_KEY_ID)
         api_key = h.get(hop.H_KEY) or (self._pooled_key(provider, key_id) if key_id else provider.managed_key())
         if key_id and api_key is None:
             # The ingress offered a key this replica cannot send: out, like a revoked one.
-            return _failure(401, "key_unset", f"managed key {key_id} of {provider.name} is not set on the pool")
+            return failure_response(401, "key_unset", f"managed key {key_id} of {provider.name} is not set on the pool")
         prefix = hop.H_CLIENT_PREFIX.lower()
         client = {k[len(prefix):].lower(): v for k, v in h.items()
                   if k.lower().startswith(prefix)} if api in ("messages", "count_tokens") else None
@@ -168,7 +133,7 @@ class PoolServer:
             call = adapter.build(api, body, model, stream, api_key, provider, thinking=h.get(hop.H_THINKING),
                                  client_headers=client, raw=raw)
         except TypeError:  # orjson reads 1,024 levels of nesting but writes only 255
-            return _failure(400, "bad_request", "The request body is nested too deeply.")
+            return failure_response(400, "bad_request", "The request body is nested too deeply.")
         tracing.inject(call.headers)
         started = time.monotonic()
         target = None if stream or self.lean is None else self.lean.target(call.url)
@@ -190,13 +155,13 @@ class PoolServer:
                                                        timeout=timeout)
         except TimeoutError:
             outcome(False, 504)
-            return _failure(504, "first_byte_timeout", f"{provider.name} sent no answer in time")
+            return failure_response(504, "first_byte_timeout", f"{provider.name} sent no answer in time")
         except (aiohttp.ClientConnectorError, ConnectFailed):
             outcome(False, 502)
-            return _failure(502, "connect", f"cannot connect to {provider.name}")
+            return failure_response(502, "connect", f"cannot connect to {provider.name}")
         except (aiohttp.ClientError, ConnectionError, AnswerCut) as exc:
             outcome(False, 502)
-            return _failure(502, "reset", f"{provider.name} closed the connection: {type(exc).__name__}")
+            return failure_response(502, "reset", f"{provider.name} closed the connection: {type(exc).__name__}")
         try:
             if upstream.status != 200:
                 return await self._upstream_error(upstream, adapter, provider, outcome, api_key)
@@ -212,7 +177,7 @@ class PoolServer:
         return spec.secret() if spec is not None else None
 
     async def _upstream_error(self, upstream, adapter, provider, outcome, api_key: str | None = None) -> Response:
-        retry_after = _retry_after(upstream.headers)
+        retry_after = upstream_retry_after(upstream.headers)
         try:
             async with asyncio.timeout(provider.timeout_s):
                 if isinstance(upstream, UpstreamAnswer):
@@ -230,7 +195,7 @@ class PoolServer:
             headers["Retry-After"] = str(int(retry_after))
         # Every field is the upstream's text, and any of them may quote the key it was sent.
         body = orjson.dumps({"error": {"message": redact(err.message, api_key), "type": redact(err.type, api_key),
-                                       "code": _redacted(err.code, api_key), "param": _redacted(err.param, api_key)}})
+                                       "code": redacted(err.code, api_key), "param": redacted(err.param, api_key)}})
         return Response(status=status, body=body, headers=headers)
 
     async def _whole(self, upstream, adapter, provider, api, outcome, started) -> Response:
@@ -244,20 +209,20 @@ class PoolServer:
                         raw += await upstream.content.read(MAX_RESPONSE_BYTES + 1 - len(raw))
         except TimeoutError:
             outcome(False, 504)
-            return _failure(504, "timeout", f"{provider.name} did not finish in {provider.timeout_s}s")
+            return failure_response(504, "timeout", f"{provider.name} did not finish in {provider.timeout_s}s")
         except AnswerTooLarge:
             raw = None  # the lean client stops reading at MAX_RESPONSE_BYTES
         except (aiohttp.ClientError, ConnectionError, AnswerCut):
             outcome(False, 502)
-            return _failure(502, "reset", f"{provider.name} closed the connection mid-answer")
+            return failure_response(502, "reset", f"{provider.name} closed the connection mid-answer")
         if raw is None or len(raw) > MAX_RESPONSE_BYTES:
             outcome(False, 502)
-            return _failure(502, "bad_response", f"{provider.name} answer exceeds {MAX_RESPONSE_BYTES} bytes")
+            return failure_response(502, "bad_response", f"{provider.name} answer exceeds {MAX_RESPONSE_BYTES} bytes")
         try:
             body, usage = adapter.translate_response(api, raw)
         except ValueError as exc:
             outcome(False, 502)
-            return _failure(502, "bad_response", f"{provider.name}: {exc}")
+            return failure_response(502, "bad_response", f"{provider.name}: {exc}")
         outcome(True, 200)
         headers = {"Content-Type": "application/json"}
         if usage is not None:
@@ -280,18 +245,18 @@ class PoolServer:
                     unsent += len(chunk)
                     if unsent > MAX_SSE_EVENT_BYTES:
                         outcome(False, 502)
-                        return _failure(502, "bad_response",
+                        return failure_response(502, "bad_response",
                                         f"{provider.name} sent over {MAX_SSE_EVENT_BYTES} bytes without an event")
                     first = translator.feed(chunk)
         except TimeoutError:
             outcome(False, 504)
-            return _failure(504, "first_byte_timeout", f"{provider.name} sent no stream data in time")
+            return failure_response(504, "first_byte_timeout", f"{provider.name} sent no stream data in time")
         except (aiohttp.ClientError, ConnectionError):
             outcome(False, 502)
-            return _failure(502, "reset", f"{provider.name} closed the stream before any data")
+            return failure_response(502, "reset", f"{provider.name} closed the stream before any data")
         if not first:
             outcome(False, 502)
-            return _failure(502, "bad_response", f"{provider.name} ended the stream without data")
+            return failure_response(502, "bad_response", f"{provider.name} ended the stream without data")
         response = StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
                                                            "Cache-Control": "no-cache"})
         await response.prepare(request)
