@@ -351,6 +351,12 @@ class ScriptCaller(DurableCalls):
         _mark_sent(sent, None)
         return result
 
+    async def _call_unacknowledged(self, name: str, args: list[Any]) -> Any:
+        """One attempt, bounded by ``timeout_s``, whatever the replicas acknowledge: for a write
+        whose loss costs only a wait. Redis errors are raised as they are."""
+        async with asyncio.timeout(self.timeout_s):
+            return await self._once(_SCRIPTS[name], args, True, None)
+
     async def _once(self, script: _Script, args: list[Any], batch: bool, sent: asyncio.Future | None) -> Any:
         if batch and self.group_commit:
             return await self._batcher.submit(script, args, sent)

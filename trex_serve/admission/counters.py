@@ -183,20 +183,27 @@ class CounterStore(ScriptCaller):
             raise
 
     async def _release_refused(self, request_id: str) -> None:
-        with contextlib.suppress(ServiceUnavailable):  # unreachable now: its lease is reaped later
-            await self.settle(SettleRequest(request_id, success=False,
-                                            reason="admission not acknowledged by Redis replicas"))
+        """Sent once, not until acknowledged: while no replica acknowledges, every admission is
+        refused, and a settlement retried for each would multiply the load on that primary. A
+        give-back lost in a failover leaves the lease to be reaped when it expires."""
+        args = self._settle_args(SettleRequest(request_id, success=False,
+                                               reason="admission not acknowledged by Redis replicas"))
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._call_unacknowledged("settle", args)
 
     async def settle(self, req: SettleRequest, sent: asyncio.Future | None = None) -> SettleResult:
         """Release the lease and settle quota or credits in one round trip; idempotent. A charge's
         ledger row goes into the ledger stream in the same step (``billing/durable_streams.py`` drains it to SQL).
         ``sent`` resolves once the call is written to Redis: from then on Redis applies it before
         any call this process (or a client it answers) makes afterwards."""
+        return _parse_settle(await self._call("settle", self._settle_args(req), sent=sent))
+
+    def _settle_args(self, req: SettleRequest) -> list[Any]:
         vw = int(req.velocity_window_s or 0)
         vmax = req.velocity_max_micro
         if vmax is None:
             vw = 0
-        args = [
+        return [
             self.prefix,
             req.request_id,
             "1" if req.success else "0",
@@ -209,7 +216,6 @@ class CounterStore(ScriptCaller):
             req.reason[:500],
             orjson.dumps(req.usage).decode() if req.usage else "",
         ]
-        return _parse_settle(await self._call("settle", args, sent=sent))
 
     async def admit_hit(self, key_id: str, rpm: int | None, now: float | None = None) -> AdmitResult:
         """A response-cache hit: one request against the key's RPM and nothing else (``lua/hit.lua``);

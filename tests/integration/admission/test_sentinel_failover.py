@@ -251,14 +251,19 @@ async def test_past_its_deadline_a_settlement_the_primary_holds_stands_and_a_ref
         sentinels.cut_replication()
         settled = await store.settle(SettleRequest("r1", charge_micro=CHARGE))
         assert settled.charged_micro == CHARGE
+        primary = redis.Redis(port=sentinels.primary())
+        calls_before = primary.info("commandstats")["cmdstat_evalsha"]["calls"]
         with pytest.raises(ServiceUnavailable, match="acknowledged by 0 of the 1"):
             await store.admit(AdmitRequest("r2", "key", "acct", billing="credits", reserve_micro=1500,
                                            lease_ttl_s=300))
-        primary = redis.Redis(port=sentinels.primary())
         deadline = time.monotonic() + 5
         while primary.zcard(lease_key) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not primary.zcard(lease_key), "the refused admission's lease is still held"
+        # Given back once: not sent again and again for as long as no replica acknowledges.
+        await asyncio.sleep(1.0)
+        calls = primary.info("commandstats")["cmdstat_evalsha"]["calls"] - calls_before
+        assert calls == 2, f"{calls} script calls for one refused admission and its give-back"
     finally:
         await store.aclose()
     charges, balance, unbooked = _ledger(sentinels, prefix)
