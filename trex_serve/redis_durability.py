@@ -11,8 +11,8 @@ round trip per batch, not per request.
 What a caller sees when the replicas do not acknowledge in time (``NotReplicated``):
 - an admission fails closed (503 ``counter_store_unavailable``): no upstream is called. What the
   primary counted is given back at once (a settlement as failed, sent once: counters.py
-  ``_admit_call``);
-  an RPM slot stays counted, and a lease the give-back cannot reach is reaped when it expires.
+  ``_admit_call``); an RPM slot stays counted, and a lease the give-back cannot reach is reaped
+  when it expires.
 - a settlement is sent again (durable_calls.py ``_replicated``), with a short backoff, until it is
   acknowledged or its deadline passes. That is safe because the admission it settles was itself
   acknowledged (it is on every replica that acknowledged it) and settle.lua consumes that record
