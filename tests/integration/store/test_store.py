@@ -316,6 +316,129 @@ def test_ledger_concurrent_duplicate_batches(repo):
     assert repo.ledger_sum(a) == -500
 
 
+def _stored_ledger(request_id: str | None, account_id: str, kind: str, amount: int, created_at: str,
+                   **extra) -> dict:
+    row = {"id": None, "account_id": account_id, "key_id": None, "request_id": request_id, "kind": kind,
+           "amount_micro": amount, "amount": amount / 1_000_000, "reason": None, "tokens": None,
+           "created_at": created_at}
+    row.update(extra)
+    return row
+
+
+def test_append_ledger_stores_every_column_form(repo, engine, caplog):
+    """Pins what a ledger row becomes (the money path), column by column, on both databases: the
+    sign of ``amount`` fixed by kind and bigints kept whole; timestamps as aware or naive datetimes,
+    epoch seconds or ISO text (stored in UTC), absent meaning the time of writing; over-long or
+    non-text values clipped to their column; ``tokens`` JSON, absent or None; unknown keys ignored;
+    a (request_id, kind) already written, in the same batch or an earlier one, skipped, while rows
+    without a request_id are all kept; rows that cannot be converted logged and skipped."""
+    a = repo.create_account("A", "free")["id"]
+    b = repo.create_account("B", "free")["id"]
+    full = {"account_id": a, "key_id": "key_1", "request_id": "req_full", "kind": "charge", "amount": 1_500_000,
+            "reason": "chat gpt-4o", "tokens": {"input": 1000, "output": 200, "cache_read": 100},
+            "created_at": datetime(2025, 3, 4, 7, 8, 9, 123456, tzinfo=timezone(timedelta(hours=2))),
+            "id": 999, "unknown": "ignored"}
+    epoch = {"account_id": a, "request_id": "req_epoch", "kind": "charge", "amount": -250_000,
+             "created_at": 1735689600.25, "tokens": None, "key_id": None, "reason": None}
+    refund = {"account_id": a, "request_id": "req_epoch", "kind": "refund", "amount": -50_000,
+              "created_at": "2025-01-02T03:04:05Z", "tokens": {}}
+    grant_1 = {"account_id": a, "kind": "grant", "amount": "2000000", "created_at": datetime(2025, 1, 3)}
+    grant_2 = {"account_id": a, "kind": "grant", "amount": 2_000_000, "created_at": datetime(2025, 1, 3),
+               "request_id": None}
+    adjust = {"account_id": a, "request_id": "req_adjust", "kind": "adjust", "amount": -7.9,
+              "created_at": "2025-01-02T05:04:05.5+02:00", "tokens": [1, "two", None]}
+    adjust_none = {"account_id": a, "request_id": "req_adjust_none", "kind": "adjust", "amount": None,
+                   "created_at": datetime(2025, 1, 1, 12, tzinfo=UTC)}
+    big = {"account_id": b, "request_id": "req_big", "kind": "charge", "amount": 5_000_000_000_000,
+           "created_at": datetime(2025, 1, 5, tzinfo=UTC), "tokens": {"output": 2**40}}
+    long = {"account_id": b, "key_id": "i" * 70, "request_id": "r" * 200, "kind": "refund", "amount": 3,
+            "reason": "x" * 600, "created_at": datetime(2025, 1, 6, tzinfo=UTC)}
+    not_text = {"account_id": b, "key_id": 12345, "request_id": 678, "kind": "charge", "amount": 1,
+                "reason": 9.5, "created_at": datetime(2025, 1, 7, tzinfo=UTC)}
+    same_batch_dup = dict(full, amount=999, reason="duplicate")
+    bad = [{"account_id": a, "request_id": "bad_kind", "kind": "bogus", "amount": 5},
+           {"account_id": a, "request_id": "no_kind", "amount": 5},
+           {"account_id": a, "request_id": "bad_amount", "kind": "charge", "amount": "abc"},
+           {"account_id": a, "request_id": "list_amount", "kind": "charge", "amount": [1]},
+           {"account_id": a, "request_id": "bad_time", "kind": "charge", "amount": 5, "created_at": "not a time"}]
+    no_time = {"account_id": b, "request_id": "req_now", "kind": "charge", "amount": 10}
+    before = datetime.now(UTC)
+    with caplog.at_level("ERROR", logger="trex.store"):
+        repo.append_ledger([full, bad[0], epoch, refund, grant_1, grant_2, adjust, adjust_none, bad[1], big,
+                            long, not_text, same_batch_dup, bad[2], bad[3], no_time, bad[4]])
+    after = datetime.now(UTC)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ledger row skipped")]
+    assert len(skipped) == len(bad)
+    assert all(f"'{row['request_id']}'" in msg for row, msg in zip(bad, skipped, strict=True))
+    # A retried batch writes nothing again; a new row in it is written; rows without a request_id
+    # are not deduplicated (NULLs are distinct in the unique key).
+    repo.append_ledger([dict(full, amount=1), dict(refund, amount=1), dict(big, kind="refund", amount=4),
+                        dict(grant_2, created_at=datetime(2025, 1, 8, tzinfo=UTC))])
+    repo.append_ledger([])
+    repo.append_ledger(bad)  # nothing to write
+    # A row without an account is not skipped: the whole batch fails and writes nothing, so the
+    # drainer keeps it pending rather than losing the other rows' money.
+    with pytest.raises(sa.exc.SQLAlchemyError):
+        repo.append_ledger([dict(no_time, request_id="req_lost"), {"kind": "grant", "amount": 1}])
+
+    assert repo.ledger_sum(a) == -1_500_000 - 250_000 + 50_000 + 3 * 2_000_000 - 7
+    assert repo.ledger_totals(a) == {"granted": 6_000_000, "charged": 1_750_000, "refunded": 50_000,
+                                     "adjusted": -7, "balance": 4_299_993}
+    assert repo.ledger_sum(b) == -5_000_000_000_000 + 3 - 1 - 10 + 4
+    assert repo.ledger_totals(b) == {"granted": 0, "charged": 5_000_000_000_011, "refunded": 7,
+                                     "adjusted": 0, "balance": -5_000_000_000_004}
+    assert repo.all_balances() == {a: 4_299_993, b: -5_000_000_000_004}
+
+    rows_b = [dict(r, id=None) for r in repo.list_ledger(b, 100)]
+    now = rows_b.pop(0)
+    assert before <= datetime.fromisoformat(now.pop("created_at")) <= after
+    assert now == {k: v for k, v in _stored_ledger("req_now", b, "charge", -10, "").items() if k != "created_at"}
+    assert rows_b == [
+        _stored_ledger("678", b, "charge", -1, "2025-01-07T00:00:00Z", key_id="12345", reason="9.5"),
+        _stored_ledger("r" * 128, b, "refund", 3, "2025-01-06T00:00:00Z", key_id="i" * 64, reason="x" * 500),
+        _stored_ledger("req_big", b, "refund", 4, "2025-01-05T00:00:00Z", tokens={"output": 2**40}),
+        _stored_ledger("req_big", b, "charge", -5_000_000_000_000, "2025-01-05T00:00:00Z",
+                       tokens={"output": 2**40}),
+    ]
+    assert [dict(r, id=None) for r in repo.list_ledger(a, 100)] == [
+        _stored_ledger("req_full", a, "charge", -1_500_000, "2025-03-04T05:08:09.123456Z", key_id="key_1",
+                       reason="chat gpt-4o", tokens={"input": 1000, "output": 200, "cache_read": 100}),
+        _stored_ledger(None, a, "grant", 2_000_000, "2025-01-08T00:00:00Z"),
+        _stored_ledger(None, a, "grant", 2_000_000, "2025-01-03T00:00:00Z"),
+        _stored_ledger(None, a, "grant", 2_000_000, "2025-01-03T00:00:00Z"),
+        _stored_ledger("req_adjust", a, "adjust", -7, "2025-01-02T03:04:05.500000Z", tokens=[1, "two", None]),
+        _stored_ledger("req_epoch", a, "refund", 50_000, "2025-01-02T03:04:05Z", tokens={}),
+        _stored_ledger("req_adjust_none", a, "adjust", 0, "2025-01-01T12:00:00Z"),
+        _stored_ledger("req_epoch", a, "charge", -250_000, "2025-01-01T00:00:00.250000Z"),
+    ]
+
+    # What the tables hold: SQLite timestamps as UTC text without an offset, PostgreSQL timestamptz;
+    # amount a 64-bit integer; ``tokens`` JSON text, and None stored as JSON null, not SQL NULL.
+    with engine.connect() as conn:
+        stored = sorted(conn.exec_driver_sql(
+            "SELECT request_id, kind, amount, created_at, CAST(tokens AS TEXT), tokens IS NULL FROM ledger"
+            " WHERE request_id IS NOT NULL AND request_id != 'req_now'").all(), key=lambda r: (r[0], r[1]))
+    long_id, full_tokens = "r" * 128, '{"input": 1000, "output": 200, "cache_read": 100}'
+    expected = [  # request_id, kind, amount, created_at (as SQLite text), tokens as text, tokens IS NULL
+        ("678", "charge", -1, "2025-01-07 00:00:00.000000", "null"),
+        ("req_adjust", "adjust", -7, "2025-01-02 03:04:05.500000", '[1, "two", null]'),
+        ("req_adjust_none", "adjust", 0, "2025-01-01 12:00:00.000000", "null"),
+        ("req_big", "charge", -5_000_000_000_000, "2025-01-05 00:00:00.000000", '{"output": 1099511627776}'),
+        ("req_big", "refund", 4, "2025-01-05 00:00:00.000000", '{"output": 1099511627776}'),
+        ("req_epoch", "charge", -250_000, "2025-01-01 00:00:00.250000", "null"),
+        ("req_epoch", "refund", 50_000, "2025-01-02 03:04:05.000000", "{}"),
+        ("req_full", "charge", -1_500_000, "2025-03-04 05:08:09.123456", full_tokens),
+        (long_id, "refund", 3, "2025-01-06 00:00:00.000000", "null"),
+    ]
+    if engine.dialect.name == "sqlite":
+        assert [tuple(r) for r in stored] == [(*row, 0) for row in expected]
+    else:
+        assert [tuple(r) for r in stored] == [
+            (rid, kind, amount, datetime.fromisoformat(when).replace(tzinfo=UTC), tokens, False)
+            for rid, kind, amount, when, tokens in expected]
+        assert all(type(r[2]) is int for r in stored)
+
+
 # ------------------------------------------------------------------ request logs
 
 
