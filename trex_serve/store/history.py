@@ -22,12 +22,9 @@ from trex_serve.store.models import (
 )
 from trex_serve.store.shapes import (
     _LEDGER_COLUMNS,
-    _LEDGER_LENGTHS,
     _LOG_COLUMNS,
-    _LOG_LENGTHS,
     LEDGER_KINDS,
     _audit_dict,
-    _clip,
     _ledger_dict,
     _log_dict,
     _risk_event_dict,
@@ -62,42 +59,55 @@ class HistoryMixin:
             self._audit(s, actor, "credits.grant", "account", account_id, account_id, None, out)
         return out
 
+    @cached_property
+    def _ledger_insert(self) -> _CompiledInsert:
+        """The ledger INSERT for this repository's database, compiled on first use. A (request_id,
+        kind) already stored is skipped, so a batch redelivered by the stream writes once."""
+        return self._compiled_insert(LedgerEntry.__table__, ["request_id", "kind"], _LEDGER_COLUMNS)
+
     @staticmethod
-    def _ledger_row(row: dict[str, Any]) -> dict[str, Any]:
-        data = {k: v for k, v in row.items() if k in _LEDGER_COLUMNS}
-        kind = data.get("kind")
+    def _ledger_values(row: dict[str, Any], insert: _CompiledInsert) -> list[Any]:
+        """A ledger row as values in ``insert``'s column order; ValueError/TypeError/InvalidRequest
+        when it cannot be stored. Absent keys are None, unknown keys ignored."""
+        at = insert.index
+        values = [row.get(name) for name in insert.names]
+        kind = values[at["kind"]]
         if kind not in LEDGER_KINDS:
             raise ValueError(f"ledger kind must be one of {LEDGER_KINDS}, got {kind!r}")
-        amount = int(data.get("amount") or 0)
+        amount = int(values[at["amount"]] or 0)
         # Signs are fixed by kind: charges debit, grants and refunds credit, adjustments are signed.
         if kind == "charge":
             amount = -abs(amount)
         elif kind in ("grant", "refund"):
             amount = abs(amount)
-        data["amount"] = amount
-        data["created_at"] = as_utc(data.get("created_at")) or utcnow()
-        data.setdefault("key_id", None)
-        data.setdefault("request_id", None)
-        data.setdefault("reason", None)
-        data.setdefault("tokens", None)
-        return data
+        values[at["amount"]] = amount
+        values[at["created_at"]] = as_utc(values[at["created_at"]]) or utcnow()
+        for i, size in insert.lengths:  # as _clip: over-long text cut to its column, non-text made text
+            value = values[i]
+            if value is not None:
+                values[i] = (value if isinstance(value, str) else str(value))[:size]
+        return values
 
     def append_ledger(self, rows: list[dict[str, Any]]) -> None:
         """Batch insert; a row whose (request_id, kind) already exists is skipped, so a retried batch
-        never double-writes. ``amount`` is micro-credits; its sign is set by ``kind`` (charge < 0)."""
+        never double-writes. ``amount`` is micro-credits; its sign is set by ``kind`` (charge < 0).
+        A row that cannot be converted is logged and skipped; a row without an account fails the
+        batch (NOT NULL), which the drainer then keeps pending.
+
+        Every ingress drains the ledger stream into SQL, so, as for the request logs, each row
+        becomes a list in the compiled statement's column order (``_CompiledInsert``) rather than a
+        dict for SQLAlchemy to process again per row."""
+        insert = self._ledger_insert
         data = []
         for row in rows:
             try:
-                data.append(_clip(self._ledger_row(row), _LEDGER_LENGTHS))
+                data.append(self._ledger_values(row, insert))
             except (TypeError, ValueError, InvalidRequest) as exc:
                 log.error("ledger row skipped (%s): %r", exc, row)
         if not data:
             return
-        stmt = self._insert(LedgerEntry.__table__).on_conflict_do_nothing(
-            index_elements=["request_id", "kind"]
-        )
         with self.engine.begin() as conn:
-            conn.execute(stmt, data)
+            insert.execute(conn, data)
 
     def ledger_sum(self, account_id: str) -> int:
         with self._session() as s:
@@ -140,13 +150,20 @@ class HistoryMixin:
 
     # ---------------------------------------------------------------- request logs
 
+    def _compiled_insert(
+        self, table: sa.Table, conflict: list[str], columns: Collection[str]
+    ) -> _CompiledInsert:
+        """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of ``columns`` into ``table``, compiled
+        for this repository's database."""
+        with self.engine.connect():  # the first connection initialises the dialect (server version...)
+            pass
+        stmt = self._insert(table).on_conflict_do_nothing(index_elements=conflict)
+        return _CompiledInsert(stmt, self.engine.dialect, columns)
+
     @cached_property
     def _log_insert(self) -> _CompiledInsert:
         """The request-log INSERT for this repository's database, compiled on first use."""
-        with self.engine.connect():  # the first connection initialises the dialect (server version...)
-            pass
-        stmt = self._insert(RequestLog.__table__).on_conflict_do_nothing(index_elements=["request_id"])
-        return _CompiledInsert(stmt, self.engine.dialect, _LOG_COLUMNS)
+        return self._compiled_insert(RequestLog.__table__, ["request_id"], _LOG_COLUMNS)
 
     def insert_logs(self, rows: list[dict[str, Any]]) -> None:
         """Batch insert; a row whose request_id already exists is skipped. Prompt/completion text is
@@ -162,7 +179,6 @@ class HistoryMixin:
         created_at, account_id = at["created_at"], at["account_id"]
         prompt, completion = at["prompt_text"], at["completion_text"]
         defaults = [(at[col], default) for col, default in _LOG_DEFAULTS]
-        lengths = [(at[col], size) for col, size in _LOG_LENGTHS.items()]
         data = []
         for row in rows:
             if not row.get("account_id") or not row.get("request_id"):
@@ -176,7 +192,7 @@ class HistoryMixin:
             for i, default in defaults:
                 if values[i] is None:
                     values[i] = default
-            for i, size in lengths:  # as _clip: over-long text cut to its column, non-text made text
+            for i, size in insert.lengths:  # as _clip: over-long text cut to fit, non-text made text
                 value = values[i]
                 if value is not None:
                     values[i] = (value if isinstance(value, str) else str(value))[:size]
@@ -348,6 +364,11 @@ class _CompiledInsert:
         self.processors: list[tuple[int, Callable[[Any], Any]]] = [
             (i, processor) for i, name in enumerate(self.names)
             if (processor := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+        ]
+        # Each text column's size, for callers to clip to as ``_clip`` does.
+        self.lengths: list[tuple[int, int]] = [
+            (self.index[c.name], c.type.length) for c in stmt.table.columns
+            if c.name in self.index and getattr(c.type, "length", None)
         ]
 
     def execute(self, conn: sa.Connection, rows: list[list[Any]]) -> None:
