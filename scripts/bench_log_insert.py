@@ -1,4 +1,5 @@
-"""CPU per row of ``Repository.insert_logs`` (the request-log writer), on SQLite and PostgreSQL.
+"""CPU per row of ``Repository.insert_logs`` (the request-log writer) and ``append_ledger`` (the
+credit ledger's), on SQLite and PostgreSQL.
 
 Three ways of writing the same rows (``RequestRecord.row()`` dicts, as the ingress sends them), in
 one run, batch by batch, each timed with ``time.process_time()`` (this process only: the
@@ -11,7 +12,11 @@ PostgreSQL server's own CPU is not counted):
   the floor: what the database and the driver cost, with no preparation at all.
 
     .venv/bin/python scripts/bench_log_insert.py [--rows 3000] [--rounds 5] [--batch 10 --batch 50]
-        [--postgres postgresql://postgres@127.0.0.1:5432/test | --postgres '']
+        [--postgres postgresql://postgres@127.0.0.1:5432/test | --postgres ''] [--only logs|ledger]
+
+The ledger is measured the same way, with its ``append_ledger`` and ``legacy`` (the former code,
+below) writing the rows the ledger stream's drainer passes (``durable_streams.ledger_row``); no
+raw-driver floor for it.
 
 PostgreSQL is measured when the URL answers (a scratch database is created on that server and
 dropped afterwards); the project's ``create_engine`` takes ``postgresql://`` (or ``postgres://``)
@@ -40,8 +45,17 @@ from trex_serve.errors import InvalidRequest  # noqa: E402
 from trex_serve.observability.request_record import RequestRecord  # noqa: E402
 from trex_serve.store import Repository, create_engine, migrate  # noqa: E402
 from trex_serve.store.database import normalize_url  # noqa: E402
-from trex_serve.store.models import Account, RequestLog, utcnow  # noqa: E402
-from trex_serve.store.shapes import _LOG_COLUMNS, _LOG_LENGTHS, _clip, as_utc  # noqa: E402
+from trex_serve.store.models import Account, LedgerEntry, RequestLog, utcnow  # noqa: E402
+from trex_serve.store.shapes import (  # noqa: E402
+    _LEDGER_COLUMNS,
+    _LEDGER_LENGTHS,
+    _LOG_COLUMNS,
+    _LOG_LENGTHS,
+    LEDGER_KINDS,
+    _clip,
+    as_utc,
+    log,
+)
 
 Writer = Callable[[list[dict[str, Any]]], None]
 
@@ -79,6 +93,51 @@ def legacy_insert_logs(repo: Repository, rows: list[dict[str, Any]]) -> None:
                     d["prompt_text"] = d["completion_text"] = None
         stmt = repo._insert(RequestLog.__table__).on_conflict_do_nothing(index_elements=["request_id"])
         conn.execute(stmt, data)
+
+
+def _legacy_ledger_row(row: dict[str, Any]) -> dict[str, Any]:
+    """The former ``HistoryMixin._ledger_row``, verbatim."""
+    data = {k: v for k, v in row.items() if k in _LEDGER_COLUMNS}
+    kind = data.get("kind")
+    if kind not in LEDGER_KINDS:
+        raise ValueError(f"ledger kind must be one of {LEDGER_KINDS}, got {kind!r}")
+    amount = int(data.get("amount") or 0)
+    if kind == "charge":
+        amount = -abs(amount)
+    elif kind in ("grant", "refund"):
+        amount = abs(amount)
+    data["amount"] = amount
+    data["created_at"] = as_utc(data.get("created_at")) or utcnow()
+    data.setdefault("key_id", None)
+    data.setdefault("request_id", None)
+    data.setdefault("reason", None)
+    data.setdefault("tokens", None)
+    return data
+
+
+def legacy_append_ledger(repo: Repository, rows: list[dict[str, Any]]) -> None:
+    """The former ``HistoryMixin.append_ledger``, verbatim but for its docstring (for comparison)."""
+    data = []
+    for row in rows:
+        try:
+            data.append(_clip(_legacy_ledger_row(row), _LEDGER_LENGTHS))
+        except (TypeError, ValueError, InvalidRequest) as exc:
+            log.error("ledger row skipped (%s): %r", exc, row)
+    if not data:
+        return
+    stmt = repo._insert(LedgerEntry.__table__).on_conflict_do_nothing(index_elements=["request_id", "kind"])
+    with repo.engine.begin() as conn:
+        conn.execute(stmt, data)
+
+
+def make_ledger_rows(account_id: str, n: int, tag: str) -> list[dict[str, Any]]:
+    """Rows shaped like the ledger drainer's (``durable_streams.ledger_row`` of settle.lua's entries)."""
+    now = time.time()
+    return [{"account_id": account_id, "key_id": "key_0123456789abcdef",
+             "request_id": f"req_{tag}_{i:07d}_{uuid.uuid4().hex[:16]}", "kind": "charge",
+             "amount": -(1234 + i % 500), "reason": "chat gpt-4o-mini" if i % 2 else None,
+             "tokens": {"input": 1200 + i % 300, "output": 300 + i % 90, "cache_read": 512 * (i % 4 == 0)},
+             "created_at": datetime.fromtimestamp(now + i / 1000, UTC)} for i in range(n)]
 
 
 def make_rows(account_id: str, n: int, tag: str) -> list[dict[str, Any]]:
@@ -193,6 +252,32 @@ def measure(name: str, engine: Engine, raw: tuple[Callable[..., None], Callable[
     engine.dispose()
 
 
+def measure_ledger(name: str, engine: Engine, n_rows: int, rounds: int, batch_sizes: list[int]) -> None:
+    migrate(engine)
+    repo = Repository(engine, "bench-secret")
+    repo.sync_plans([{"name": "free", "rpm": 60}])
+    account = repo.create_account("bench", "free")["id"]
+    writers: dict[str, Callable[[list[Any]], None]] = {
+        "append_ledger": repo.append_ledger,
+        "legacy": lambda rows: legacy_append_ledger(repo, rows),
+    }
+    for label, write in writers.items():  # warm-up
+        write(make_ledger_rows(account, 50, f"warm{label[:3]}"))
+    print(f"\n{name}, ledger: µs CPU per row (best of {rounds} rounds of {n_rows} rows)")
+    for size in batch_sizes:
+        best = {label: float("inf") for label in writers}
+        for r in range(rounds):
+            for label, write in writers.items():  # interleaved, so drift hits all alike
+                rows = make_ledger_rows(account, n_rows, f"{size}_{r}_{label[:3]}")
+                batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+                best[label] = min(best[label], cpu_per_row(write, batches))
+                with engine.begin() as conn:  # the next writer starts from the same (empty) table
+                    conn.execute(sa.delete(LedgerEntry.__table__))
+        line = "  ".join(f"{label} {us:6.1f}" for label, us in best.items())
+        print(f"  batch {size:3d}:  {line}   (legacy / append_ledger = {best['legacy'] / best['append_ledger']:.2f}x)")
+    engine.dispose()
+
+
 @contextmanager
 def scratch_pg_database(url: str) -> Iterator[str | None]:
     """A fresh database on the server at ``url`` (its URL), dropped afterwards; None if no answer."""
@@ -221,19 +306,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default 10, 50)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
                         help="a PostgreSQL server to measure against ('' to skip)")
+    parser.add_argument("--only", choices=("logs", "ledger"), help="measure one writer (default: both)")
     args = parser.parse_args()
     sizes = args.batch or [10, 50]
+    logs, ledger = args.only in (None, "logs"), args.only in (None, "ledger")
     with tempfile.TemporaryDirectory(prefix="trex-bench-logs-") as tmp:
         path = str(Path(tmp) / "trex.db")
-        measure("SQLite (file, WAL)", create_engine(f"sqlite:///{path}"), sqlite_raw(path), True,
-                args.rows, args.rounds, sizes)
+        if logs:
+            measure("SQLite (file, WAL)", create_engine(f"sqlite:///{path}"), sqlite_raw(path), True,
+                    args.rows, args.rounds, sizes)
+        if ledger:
+            measure_ledger("SQLite (file, WAL)", create_engine(f"sqlite:///{path}"), args.rows, args.rounds, sizes)
     if args.postgres:
         with scratch_pg_database(args.postgres) as url:
             if url:
-                # psycopg itself takes the libpq form of the URL (no "+psycopg").
-                raw = pg_raw(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
-                measure("PostgreSQL (psycopg 3)", create_engine(url), raw, False, args.rows,
-                        args.rounds, sizes)
+                if logs:
+                    # psycopg itself takes the libpq form of the URL (no "+psycopg").
+                    raw = pg_raw(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+                    measure("PostgreSQL (psycopg 3)", create_engine(url), raw, False, args.rows,
+                            args.rounds, sizes)
+                if ledger:
+                    measure_ledger("PostgreSQL (psycopg 3)", create_engine(url), args.rows, args.rounds, sizes)
 
 
 if __name__ == "__main__":
