@@ -82,10 +82,7 @@ class HistoryMixin:
             amount = abs(amount)
         values[at["amount"]] = amount
         values[at["created_at"]] = as_utc(values[at["created_at"]]) or utcnow()
-        for i, size in insert.lengths:  # as _clip: over-long text cut to its column, non-text made text
-            value = values[i]
-            if value is not None:
-                values[i] = (value if isinstance(value, str) else str(value))[:size]
+        insert.clip(values)
         return values
 
     def append_ledger(self, rows: list[dict[str, Any]]) -> None:
@@ -192,10 +189,7 @@ class HistoryMixin:
             for i, default in defaults:
                 if values[i] is None:
                     values[i] = default
-            for i, size in insert.lengths:  # as _clip: over-long text cut to fit, non-text made text
-                value = values[i]
-                if value is not None:
-                    values[i] = (value if isinstance(value, str) else str(value))[:size]
+            insert.clip(values)
             data.append(values)
         if not data:
             return
@@ -370,6 +364,13 @@ class _CompiledInsert:
             (self.index[c.name], c.type.length) for c in stmt.table.columns
             if c.name in self.index and getattr(c.type, "length", None)
         ]
+
+    def clip(self, values: list[Any]) -> None:
+        """As ``_clip``: over-long text cut to its column, a non-text value in a text column made text."""
+        for i, size in self.lengths:
+            value = values[i]
+            if value is not None:
+                values[i] = (value if isinstance(value, str) else str(value))[:size]
 
     def execute(self, conn: sa.Connection, rows: list[list[Any]]) -> None:
         for values in rows:
