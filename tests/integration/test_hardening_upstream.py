@@ -31,14 +31,16 @@ async def user(gw):
 
 
 async def charged(gw, acc, key=None) -> int:
-    """The account's ledger sum once ``key``'s requests have settled: a stream's settlement may
-    still be on its way when the client has read the last byte (it runs shielded as the stream
-    closes), and reading before it lands would count it in the next reading instead."""
+    """The account's ledger sum once ``key``'s requests have settled and the ledger stream is
+    drained into SQL. A stream's settlement runs shielded as the stream closes, and a drain pass
+    the database refused for a moment leaves its rows pending until the next pass: reading before
+    either lands would count a charge in the next reading instead (CI once read 0, then both)."""
+    deadline = time.monotonic() + 5
     if key is not None:
-        deadline = time.monotonic() + 5
         while await gw.runtime.counters.inflight(key["id"]) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-    await gw.runtime.ledger.flush_once()
+    while not await gw.runtime.ledger.flush_once() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
     return gw.runtime.repo.ledger_sum(acc["id"])
 
 
