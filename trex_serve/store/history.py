@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from datetime import datetime
 from functools import cached_property
 from typing import Any
@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlmodel import select
 
 from trex_serve.errors import InvalidRequest, NotFound
+from trex_serve.store.compiled_insert import CompiledInsert
 from trex_serve.store.models import (
     Account,
     AuditLog,
@@ -60,13 +61,13 @@ class HistoryMixin:
         return out
 
     @cached_property
-    def _ledger_insert(self) -> _CompiledInsert:
+    def _ledger_insert(self) -> CompiledInsert:
         """The ledger INSERT for this repository's database, compiled on first use. A (request_id,
         kind) already stored is skipped, so a batch redelivered by the stream writes once."""
         return self._compiled_insert(LedgerEntry.__table__, ["request_id", "kind"], _LEDGER_COLUMNS)
 
     @staticmethod
-    def _ledger_values(row: dict[str, Any], insert: _CompiledInsert) -> list[Any]:
+    def _ledger_values(row: dict[str, Any], insert: CompiledInsert) -> list[Any]:
         """A ledger row as values in ``insert``'s column order; ValueError/TypeError/InvalidRequest
         when it cannot be stored. Absent keys are None, unknown keys ignored."""
         at = insert.index
@@ -92,7 +93,7 @@ class HistoryMixin:
         batch (NOT NULL), which the drainer then keeps pending.
 
         Every ingress drains the ledger stream into SQL, so, as for the request logs, each row
-        becomes a list in the compiled statement's column order (``_CompiledInsert``) rather than a
+        becomes a list in the compiled statement's column order (``CompiledInsert``) rather than a
         dict for SQLAlchemy to process again per row."""
         insert = self._ledger_insert
         data = []
@@ -149,16 +150,16 @@ class HistoryMixin:
 
     def _compiled_insert(
         self, table: sa.Table, conflict: list[str], columns: Collection[str]
-    ) -> _CompiledInsert:
+    ) -> CompiledInsert:
         """``INSERT ... ON CONFLICT (conflict) DO NOTHING`` of ``columns`` into ``table``, compiled
         for this repository's database."""
         with self.engine.connect():  # the first connection initialises the dialect (server version...)
             pass
         stmt = self._insert(table).on_conflict_do_nothing(index_elements=conflict)
-        return _CompiledInsert(stmt, self.engine.dialect, columns)
+        return CompiledInsert(stmt, self.engine.dialect, columns)
 
     @cached_property
-    def _log_insert(self) -> _CompiledInsert:
+    def _log_insert(self) -> CompiledInsert:
         """The request-log INSERT for this repository's database, compiled on first use."""
         return self._compiled_insert(RequestLog.__table__, ["request_id"], _LOG_COLUMNS)
 
@@ -169,7 +170,7 @@ class HistoryMixin:
         authentication) are not stored; ``created_at`` may be a datetime, ISO text or epoch seconds.
 
         Every ingress writes a batch every few hundred milliseconds, so this is written for CPU: each
-        row becomes a list in the compiled statement's column order (``_CompiledInsert``), with the
+        row becomes a list in the compiled statement's column order (``CompiledInsert``), with the
         same defaults and clipping as ``_clip``, rather than a dict for SQLAlchemy to process."""
         insert = self._log_insert
         names, at = insert.names, insert.index
@@ -331,56 +332,6 @@ class HistoryMixin:
         with self._session() as s:
             rows = s.exec(q.order_by(RiskEvent.created_at.desc(), RiskEvent.id.desc()).limit(limit))
             return [_risk_event_dict(e) for e in rows]
-
-
-class _CompiledInsert:
-    """An INSERT compiled once for one database, run through the driver's ``executemany``.
-
-    ``conn.execute(insert, list_of_dicts)`` has SQLAlchemy work out again, for every batch and every
-    row, which parameters the statement takes and how each value is converted: for the request logs
-    that was over a third of the CPU of a write (``scripts/bench_log_insert.py``). Here the statement
-    is compiled once, as SQLAlchemy compiles it for an executemany, and each parameter's bind
-    processor is looked up once: the very function SQLAlchemy applies (on SQLite, datetimes to text
-    and booleans to 0/1), so what reaches the table is the same. ``exec_driver_sql`` keeps
-    SQLAlchemy's error wrapping and disconnect handling. Rows come as lists in ``names`` order."""
-
-    def __init__(self, stmt: Any, dialect: sa.Dialect, columns: Collection[str]) -> None:
-        keys = [c.name for c in stmt.table.columns if c.name in columns]
-        compiled = stmt.compile(dialect=dialect, column_keys=keys, for_executemany=True)
-        # The driver's paramstyle decides the shape of a row: qmark (SQLite) takes tuples in
-        # statement order, pyformat (psycopg) dicts by name.
-        self.positional: bool = compiled.positional
-        self.names: tuple[str, ...] = tuple(compiled.positiontup if self.positional else compiled.binds)
-        if sorted(self.names) != sorted(keys):
-            raise RuntimeError(f"unexpected parameters {self.names} for the columns {keys}")
-        self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
-        self.sql: str = compiled.string
-        self.processors: list[tuple[int, Callable[[Any], Any]]] = [
-            (i, processor) for i, name in enumerate(self.names)
-            if (processor := compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
-        ]
-        # Each text column's size, for callers to clip to as ``_clip`` does.
-        self.lengths: list[tuple[int, int]] = [
-            (self.index[c.name], c.type.length) for c in stmt.table.columns
-            if c.name in self.index and getattr(c.type, "length", None)
-        ]
-
-    def clip(self, values: list[Any]) -> None:
-        """As ``_clip``: over-long text cut to its column, a non-text value in a text column made text."""
-        for i, size in self.lengths:
-            value = values[i]
-            if value is not None:
-                values[i] = (value if isinstance(value, str) else str(value))[:size]
-
-    def execute(self, conn: sa.Connection, rows: list[list[Any]]) -> None:
-        for values in rows:
-            for i, processor in self.processors:
-                values[i] = processor(values[i])
-        if self.positional:
-            conn.exec_driver_sql(self.sql, [tuple(values) for values in rows])
-        else:
-            names = self.names
-            conn.exec_driver_sql(self.sql, [dict(zip(names, values, strict=True)) for values in rows])
 
 
 def _parse_ts(text: str) -> datetime | None:
