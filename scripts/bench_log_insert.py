@@ -219,6 +219,25 @@ def cpu_per_row(write: Callable[[list[Any]], None], batches: list[list[Any]]) ->
     return (time.process_time() - start) / sum(len(b) for b in batches) * 1e6
 
 
+def compare(title: str, engine: Engine, table: sa.Table, writers: dict[str, Callable[[list[Any]], None]],
+            current: str, n_rows: int, rounds: int, batch_sizes: list[int],
+            rows_for: Callable[[str, str], list[Any]]) -> None:
+    """Best µs CPU per row of each writer per batch size, writers interleaved so that drift hits
+    all alike; ``rows_for(label, tag)`` makes a writer's rows, unique by ``tag``."""
+    print(f"\n{title}: µs CPU per row (best of {rounds} rounds of {n_rows} rows)")
+    for size in batch_sizes:
+        best = {label: float("inf") for label in writers}
+        for r in range(rounds):
+            for label, write in writers.items():
+                items = rows_for(label, f"{size}_{r}_{label[:3]}")
+                batches = [items[i:i + size] for i in range(0, len(items), size)]
+                best[label] = min(best[label], cpu_per_row(write, batches))
+                with engine.begin() as conn:  # the next writer starts from the same (empty) table
+                    conn.execute(sa.delete(table))
+        line = "  ".join(f"{label} {us:6.1f}" for label, us in best.items())
+        print(f"  batch {size:3d}:  {line}   (legacy / {current} = {best['legacy'] / best[current]:.2f}x)")
+
+
 def measure(name: str, engine: Engine, raw: tuple[Callable[..., None], Callable[[], None]], sqlite: bool,
             n_rows: int, rounds: int, batch_sizes: list[int]) -> None:
     migrate(engine)
@@ -235,19 +254,10 @@ def measure(name: str, engine: Engine, raw: tuple[Callable[..., None], Callable[
     for label, write in writers.items():
         rows = make_rows(account, 50, f"warm{label[:3]}")
         write([_raw_tuple(r, sqlite) for r in rows] if label == "raw driver" else rows)
-    print(f"\n{name}: µs CPU per row (best of {rounds} rounds of {n_rows} rows)")
-    for size in batch_sizes:
-        best = {label: float("inf") for label in writers}
-        for r in range(rounds):
-            for label, write in writers.items():  # interleaved, so drift hits all alike
-                rows = make_rows(account, n_rows, f"{size}_{r}_{label[:3]}")
-                items: list[Any] = [_raw_tuple(row, sqlite) for row in rows] if label == "raw driver" else rows
-                batches = [items[i:i + size] for i in range(0, len(items), size)]
-                best[label] = min(best[label], cpu_per_row(write, batches))
-                with engine.begin() as conn:  # the next writer starts from the same (empty) table
-                    conn.execute(sa.delete(RequestLog.__table__))
-        line = "  ".join(f"{label} {us:6.1f}" for label, us in best.items())
-        print(f"  batch {size:3d}:  {line}   (legacy / insert_logs = {best['legacy'] / best['insert_logs']:.2f}x)")
+    compare(f"{name}, request logs", engine, RequestLog.__table__, writers, "insert_logs", n_rows, rounds,
+            batch_sizes, lambda label, tag: (
+                [_raw_tuple(r, sqlite) for r in make_rows(account, n_rows, tag)] if label == "raw driver"
+                else make_rows(account, n_rows, tag)))
     raw_close()
     engine.dispose()
 
@@ -263,18 +273,8 @@ def measure_ledger(name: str, engine: Engine, n_rows: int, rounds: int, batch_si
     }
     for label, write in writers.items():  # warm-up
         write(make_ledger_rows(account, 50, f"warm{label[:3]}"))
-    print(f"\n{name}, ledger: µs CPU per row (best of {rounds} rounds of {n_rows} rows)")
-    for size in batch_sizes:
-        best = {label: float("inf") for label in writers}
-        for r in range(rounds):
-            for label, write in writers.items():  # interleaved, so drift hits all alike
-                rows = make_ledger_rows(account, n_rows, f"{size}_{r}_{label[:3]}")
-                batches = [rows[i:i + size] for i in range(0, len(rows), size)]
-                best[label] = min(best[label], cpu_per_row(write, batches))
-                with engine.begin() as conn:  # the next writer starts from the same (empty) table
-                    conn.execute(sa.delete(LedgerEntry.__table__))
-        line = "  ".join(f"{label} {us:6.1f}" for label, us in best.items())
-        print(f"  batch {size:3d}:  {line}   (legacy / append_ledger = {best['legacy'] / best['append_ledger']:.2f}x)")
+    compare(f"{name}, ledger", engine, LedgerEntry.__table__, writers, "append_ledger", n_rows, rounds,
+            batch_sizes, lambda _label, tag: make_ledger_rows(account, n_rows, tag))
     engine.dispose()
 
 
