@@ -23,9 +23,11 @@ from trex_serve.store.models import (
 )
 from trex_serve.store.shapes import (
     _LEDGER_COLUMNS,
+    _LEDGER_LENGTHS,
     _LOG_COLUMNS,
     LEDGER_KINDS,
     _audit_dict,
+    _clip,
     _ledger_dict,
     _log_dict,
     _risk_event_dict,
@@ -60,52 +62,42 @@ class HistoryMixin:
             self._audit(s, actor, "credits.grant", "account", account_id, account_id, None, out)
         return out
 
-    @cached_property
-    def _ledger_insert(self) -> CompiledInsert:
-        """The ledger INSERT for this repository's database, compiled on first use. A (request_id,
-        kind) already stored is skipped, so a batch redelivered by the stream writes once."""
-        return self._compiled_insert(LedgerEntry.__table__, ["request_id", "kind"], _LEDGER_COLUMNS)
-
     @staticmethod
-    def _ledger_values(row: dict[str, Any], insert: CompiledInsert) -> list[Any]:
-        """A ledger row as values in ``insert``'s column order; ValueError/TypeError/InvalidRequest
-        when it cannot be stored. Absent keys are None, unknown keys ignored."""
-        at = insert.index
-        values = [row.get(name) for name in insert.names]
-        kind = values[at["kind"]]
+    def _ledger_row(row: dict[str, Any]) -> dict[str, Any]:
+        data = {k: v for k, v in row.items() if k in _LEDGER_COLUMNS}
+        kind = data.get("kind")
         if kind not in LEDGER_KINDS:
             raise ValueError(f"ledger kind must be one of {LEDGER_KINDS}, got {kind!r}")
-        amount = int(values[at["amount"]] or 0)
+        amount = int(data.get("amount") or 0)
         # Signs are fixed by kind: charges debit, grants and refunds credit, adjustments are signed.
         if kind == "charge":
             amount = -abs(amount)
         elif kind in ("grant", "refund"):
             amount = abs(amount)
-        values[at["amount"]] = amount
-        values[at["created_at"]] = as_utc(values[at["created_at"]]) or utcnow()
-        insert.clip(values)
-        return values
+        data["amount"] = amount
+        data["created_at"] = as_utc(data.get("created_at")) or utcnow()
+        data.setdefault("key_id", None)
+        data.setdefault("request_id", None)
+        data.setdefault("reason", None)
+        data.setdefault("tokens", None)
+        return data
 
     def append_ledger(self, rows: list[dict[str, Any]]) -> None:
         """Batch insert; a row whose (request_id, kind) already exists is skipped, so a retried batch
-        never double-writes. ``amount`` is micro-credits; its sign is set by ``kind`` (charge < 0).
-        A row that cannot be converted is logged and skipped; a row without an account fails the
-        batch (NOT NULL), which the drainer then keeps pending.
-
-        Every ingress drains the ledger stream into SQL, so, as for the request logs, each row
-        becomes a list in the compiled statement's column order (``CompiledInsert``) rather than a
-        dict for SQLAlchemy to process again per row."""
-        insert = self._ledger_insert
+        never double-writes. ``amount`` is micro-credits; its sign is set by ``kind`` (charge < 0)."""
         data = []
         for row in rows:
             try:
-                data.append(self._ledger_values(row, insert))
+                data.append(_clip(self._ledger_row(row), _LEDGER_LENGTHS))
             except (TypeError, ValueError, InvalidRequest) as exc:
                 log.error("ledger row skipped (%s): %r", exc, row)
         if not data:
             return
+        stmt = self._insert(LedgerEntry.__table__).on_conflict_do_nothing(
+            index_elements=["request_id", "kind"]
+        )
         with self.engine.begin() as conn:
-            insert.execute(conn, data)
+            conn.execute(stmt, data)
 
     def ledger_sum(self, account_id: str) -> int:
         with self._session() as s:
